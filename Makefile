@@ -1,0 +1,52 @@
+# The two commands of the README (`make demo`, `make test`) set everything up on a fresh machine.
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+DATA_DIR ?= /usr/share/datasets/fashion-mnist
+PYTEST_WORKERS ?= 2
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: setup data build demo test test-fast bench clean info
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,examples]"
+	touch $@
+
+# Real Fashion-MNIST from Debian's package (installed when missing and running as root).
+data:
+	@if [ -f $(DATA_DIR)/train-images-idx3-ubyte.gz ] || [ -f $(DATA_DIR)/train-images-idx3-ubyte ]; then \
+	  echo "Fashion-MNIST found in $(DATA_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	else \
+	  echo "Fashion-MNIST is missing from $(DATA_DIR). Install it with 'sudo apt-get install dataset-fashion-mnist'"; \
+	  echo "or put the four IDX files in a folder and run 'make demo DATA_DIR=that/folder'."; exit 1; \
+	fi
+
+# Compiles the fused op into its cache. Never fails the build: without a compiler the
+# package uses the reference path (the command says why).
+build: setup
+	-$(PY) -m tf_proxynorm.build
+
+info: setup
+	$(PY) -m tf_proxynorm.info
+
+demo: setup data build
+	$(PY) examples/demo.py --data_dir $(DATA_DIR)
+
+test: setup build
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
+
+test-fast: setup build
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
+
+bench: setup build
+	$(PY) benchmarks/bench_norm.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,111 @@
+"""Norm + activation layers by name: `get_norm_act_layer("gn+pn", groups=16)`.
+
+Names are case-insensitive; `-` and `_` are interchangeable. Model builders store the
+name in their config and resolve it once with `resolve_norm_act`.
+"""
+
+import importlib
+import inspect
+
+# name -> ("module:Class", default keyword arguments). Modules are imported on first use.
+_REGISTRY = {
+    "bn": ("tf_proxynorm.layers.norm_act:BatchNormAct", {}),
+    "ln": ("tf_proxynorm.layers.norm_act:LayerNormAct", {}),
+    "gn": ("tf_proxynorm.layers.norm_act:GroupNormAct", {}),
+    "in": ("tf_proxynorm.layers.norm_act:InstanceNormAct", {}),
+    "ln+pn": ("tf_proxynorm.layers.norm_act:LayerNormAct", {"proxy_norm": True}),
+    "gn+pn": ("tf_proxynorm.layers.norm_act:GroupNormAct", {"proxy_norm": True}),
+    "in+pn": ("tf_proxynorm.layers.norm_act:InstanceNormAct", {"proxy_norm": True}),
+    "pn": ("tf_proxynorm.layers.proxy_norm_act:ProxyNormAct", {}),
+    # Other normalizations register here (issue: EvoNorm, CBN, IEBN, BGN).
+}
+
+
+def _key(name):
+    return name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+
+
+def register_norm_act(name, target, **defaults):
+    """Registers `name` for a layer class (or "module:Class" path) with default kwargs."""
+    _REGISTRY[_key(name)] = (target, defaults)
+
+
+def available_norm_acts():
+    """The registered names."""
+    return sorted(_REGISTRY)
+
+
+def _lookup(name):
+    entry = _REGISTRY.get(_key(name))
+    if entry is None:
+        raise ValueError(
+            f"Unknown normalization name. Expected one of {available_norm_acts()}. "
+            f"Received: name={name!r}")
+    target, defaults = entry
+    if isinstance(target, str):
+        module, cls = target.split(":")
+        target = getattr(importlib.import_module(module), cls)
+    return target, defaults
+
+
+def _check_kwargs(cls, kwargs, name):
+    """Raises on keyword arguments the layer class would not accept."""
+    params = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params.update(inspect.signature(init).parameters)
+        if klass.__module__.startswith("keras"):
+            break
+    allowed = {p for p in params if p not in ("self", "kwargs")} | {
+        "name", "dtype", "trainable", "autocast", "input_dim", "input_shape"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(
+            f"Unknown keyword arguments for normalization {name!r} ({cls.__name__}). "
+            f"Received: {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)}")
+
+
+def get_norm_act_layer(name, **kwargs):
+    """Creates a norm + activation layer from its registered name.
+
+    Args:
+        name: one of `available_norm_acts()`, e.g. `"bn"`, `"ln"`, `"gn"`, `"in"`,
+            `"ln+pn"`, `"gn+pn"`, `"in+pn"`.
+        **kwargs: arguments of the layer (override the name's defaults).
+
+    Returns:
+        A new layer.
+
+    Raises:
+        ValueError: for an unknown name or an argument the layer does not take.
+    """
+    return resolve_norm_act(name, **kwargs)()
+
+
+def resolve_norm_act(norm, **defaults):
+    """Returns a callable `(**overrides) -> Layer` for a name, a layer class or a callable.
+
+    Unknown names and (for names and classes) unknown arguments raise here, once.
+    """
+    if isinstance(norm, str):
+        cls, name_defaults = _lookup(norm)
+        defaults = {**name_defaults, **defaults}
+        _check_kwargs(cls, defaults, norm)
+    elif inspect.isclass(norm):
+        cls = norm
+        _check_kwargs(cls, defaults, norm.__name__)
+    elif callable(norm):
+        return lambda **overrides: norm(**{**defaults, **overrides})
+    else:
+        raise ValueError(
+            "`norm` must be a registered name, a layer class or a callable returning a layer. "
+            f"Received: norm={norm!r}")
+
+    def make(**overrides):
+        kwargs = {**defaults, **overrides}
+        _check_kwargs(cls, kwargs, getattr(norm, "__name__", norm))
+        return cls(**kwargs)
+
+    return make

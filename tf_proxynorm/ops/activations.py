@@ -1,0 +1,86 @@
+"""Activations by name.
+
+`FUSED_ACTIVATIONS` is the subset the compiled kernels implement; its integer ids are
+shared with `custom_ops/` (keep them in sync with `custom_ops/cc/activations.h`).
+Any other Keras activation, or a callable, runs in the reference path only.
+"""
+
+import keras
+import tensorflow as tf
+
+# Slope of `leaky_relu`, as keras.activations.leaky_relu's default.
+LEAKY_RELU_SLOPE = 0.2
+
+# name -> id used by the kernels. "gelu" is the exact (erf) GELU, as keras.activations.gelu.
+FUSED_ACTIVATIONS = {"identity": 0, "relu": 1, "silu": 2, "gelu": 3, "leaky_relu": 4}
+
+_ALIASES = {None: "identity", "linear": "identity", "identity": "identity", "swish": "silu"}
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + tf.math.erf(x * 0.7071067811865476))
+
+
+_FUNCTIONS = {
+    "identity": lambda x: x,
+    "relu": tf.nn.relu,
+    "silu": tf.nn.silu,
+    "gelu": _gelu,
+    "leaky_relu": lambda x: tf.nn.leaky_relu(x, alpha=LEAKY_RELU_SLOPE),
+}
+
+
+# Keras/TF functions that compute exactly a fused activation (with default arguments).
+_KNOWN_CALLABLES = {
+    "identity": (keras.activations.linear,),
+    "relu": (keras.activations.relu, tf.nn.relu),
+    "silu": (keras.activations.silu, tf.nn.silu),
+    "gelu": (keras.activations.gelu,),
+    "leaky_relu": (keras.activations.leaky_relu,),
+}
+
+
+def canonical_name(activation):
+    """Returns the canonical name of a fused activation, or None when it has none.
+
+    Accepts names ("relu", "swish", "linear", None, ...) and the Keras activation
+    functions that correspond to them (`keras.activations.relu`, ...).
+    """
+    if callable(activation):
+        for name, functions in _KNOWN_CALLABLES.items():
+            if any(activation is f for f in functions):
+                return name
+        return None
+    name = activation.lower() if isinstance(activation, str) else activation
+    name = _ALIASES.get(name, name)
+    return name if name in FUSED_ACTIVATIONS else None
+
+
+def get(activation):
+    """Returns `(canonical_name_or_None, function)` for an activation argument.
+
+    Raises:
+        ValueError: for a name that neither this package nor Keras knows.
+    """
+    name = canonical_name(activation)
+    if name is not None:
+        return name, _FUNCTIONS[name]
+    if callable(activation):
+        return None, activation
+    try:
+        return None, keras.activations.get(activation)
+    except (ValueError, TypeError):
+        raise ValueError(
+            "Unknown activation. Expected a name such as 'relu', 'silu', 'swish', 'gelu', "
+            f"'leaky_relu', 'linear', None, or a callable. Received: activation={activation!r}"
+        ) from None
+
+
+def serialize(activation):
+    """A JSON-friendly form of an activation argument for `get_config`."""
+    name = canonical_name(activation)
+    if name is not None:
+        return "linear" if name == "identity" else name
+    if isinstance(activation, str):
+        return activation
+    return keras.activations.serialize(activation)

@@ -1,0 +1,116 @@
+"""Functional norm + affine + activation (+ proxy normalization) ops.
+
+This is the middle tier: layers own the weights and call these functions; the functions
+hold the math. `group_norm_act` is the one place that chooses between the fused kernel
+(through `tf_proxynorm._custom_op`, the only module aware of the compiled library) and the
+XLA-compilable reference path written here.
+"""
+
+import tensorflow as tf
+
+from tf_proxynorm import _custom_op, config
+from tf_proxynorm.ops import activations
+from tf_proxynorm.ops.stats import channel_axis, group_moments, moments, stats_dtype
+
+
+def _per_channel(v, rank, axis, dtype):
+    shape = [1] * rank
+    shape[axis] = -1
+    return tf.reshape(tf.cast(v, dtype), shape)
+
+
+def affine_act_proxy(y, gamma=None, beta=None, *, axis=-1, activation="relu",
+                     proxy_mean=None, proxy_inv_std=None):
+    """`(act(gamma * y + beta) - proxy_mean) * proxy_inv_std`, per channel on `axis`.
+
+    Every per-channel argument may be None (gamma = 1, beta = 0, no proxy step).
+    Computes in the dtype of `y`.
+    """
+    rank = y.shape.rank
+    axis = channel_axis(rank, axis)
+    _, fn = activations.get(activation)
+    if gamma is not None:
+        y = y * _per_channel(gamma, rank, axis, y.dtype)
+    if beta is not None:
+        y = y + _per_channel(beta, rank, axis, y.dtype)
+    y = fn(y)
+    if proxy_mean is not None:
+        y = (y - _per_channel(proxy_mean, rank, axis, y.dtype)) * _per_channel(
+            proxy_inv_std, rank, axis, y.dtype)
+    return y
+
+
+def group_norm_act_reference(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
+                             activation="relu", proxy_mean=None, proxy_inv_std=None):
+    """Pure-TF (XLA-compilable) `group_norm_act`; the numerical target of the fused op."""
+    rank = x.shape.rank
+    axis = channel_axis(rank, axis)
+    mean, var, to_channels = group_moments(x, axis, groups)
+    inv_std = tf.math.rsqrt(var + epsilon)
+    xf = tf.cast(x, mean.dtype)
+    y = (xf - to_channels(mean)) * to_channels(inv_std)
+    return affine_act_proxy(y, gamma, beta, axis=axis, activation=activation,
+                            proxy_mean=proxy_mean, proxy_inv_std=proxy_inv_std)
+
+
+def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
+                   activation="relu", proxy_mean=None, proxy_inv_std=None,
+                   implementation="auto"):
+    """GroupNorm (per example) -> per-channel affine -> activation -> optional proxy step.
+
+    ```python
+    mean, var = moments(x over (positions, channels of the group)), per example and group
+    y = act(gamma * (x - mean) / sqrt(var + epsilon) + beta)
+    if proxy: y = (y - proxy_mean) * proxy_inv_std
+    ```
+
+    LayerNorm over all non-batch axes is `groups=1`, InstanceNorm is `groups=C`.
+
+    Args:
+        x: tensor of rank >= 2 with channels on `axis`.
+        gamma, beta: per-channel `(C,)` affine, or None.
+        groups: number of contiguous channel groups; must divide C.
+        axis: channel axis.
+        epsilon: added to the group variance.
+        activation: name or callable.
+        proxy_mean, proxy_inv_std: per-channel proxy statistics (see `proxy_moments`), or
+            None for no proxy normalization.
+        implementation: "auto", "fused" or "reference" (see `tf_proxynorm.config`).
+
+    Returns:
+        A float32 tensor (float64 for float64 input) of the shape of `x`.
+    """
+    implementation = config.resolve(implementation)
+    if implementation != "reference":
+        name = activations.canonical_name(activation)
+        if _custom_op.can_use_fused(x, name):
+            ones = lambda v, fill: v if v is not None else tf.fill([x.shape[axis]], fill)  # noqa: E731
+            return _custom_op.group_norm_act(
+                x, ones(gamma, 1.0), ones(beta, 0.0), proxy_mean, proxy_inv_std,
+                groups=groups, axis=axis, epsilon=epsilon, activation=name)
+        if implementation == "fused":
+            raise ValueError(
+                "implementation='fused' was requested but the fused op cannot run here: "
+                f"{_custom_op.why_not_fused(x, name)}. Use implementation='auto' to fall back "
+                "to the reference path.")
+    return group_norm_act_reference(
+        x, gamma, beta, groups=groups, axis=axis, epsilon=epsilon, activation=activation,
+        proxy_mean=proxy_mean, proxy_inv_std=proxy_inv_std)
+
+
+def batch_moments(x, axis=-1):
+    """Per-channel mean and variance over every axis but `axis` (float32 at least)."""
+    rank = x.shape.rank
+    axis = channel_axis(rank, axis)
+    return moments(x, [a for a in range(rank) if a != axis])
+
+
+def batch_norm_act(x, mean, var, gamma=None, beta=None, *, axis=-1, epsilon=1e-3,
+                   activation="relu"):
+    """`act(gamma * (x - mean) / sqrt(var + epsilon) + beta)` with per-channel statistics."""
+    rank = x.shape.rank
+    axis = channel_axis(rank, axis)
+    dtype = stats_dtype(x.dtype)
+    y = (tf.cast(x, dtype) - _per_channel(mean, rank, axis, dtype)) * _per_channel(
+        tf.math.rsqrt(tf.cast(var, dtype) + epsilon), rank, axis, dtype)
+    return affine_act_proxy(y, gamma, beta, axis=axis, activation=activation)

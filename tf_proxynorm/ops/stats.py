@@ -1,0 +1,82 @@
+"""The one statistics helper shared by every normalization in the package.
+
+Numerical contract (as flax's `_compute_stats`):
+- statistics are accumulated in float32 at least (float16/bfloat16 inputs are upcast);
+- the variance is computed in two passes, `mean((x - mean)^2)`, so inputs with a large
+  offset (mean 1e4, std 1) keep full precision, and it is never negative;
+- it works for unknown (None) batch and spatial sizes and compiles under XLA.
+"""
+
+import tensorflow as tf
+
+
+def stats_dtype(dtype):
+    """float32 for float16/bfloat16/float32 inputs, float64 for float64."""
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+
+
+def moments(x, axes, keepdims=False):
+    """Mean and biased variance of `x` over `axes`, computed in float32 at least."""
+    x = tf.cast(x, stats_dtype(x.dtype))
+    mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+    var = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), axis=axes, keepdims=True)
+    # The stop_gradient above is exact: d var / d mean = -2 mean(x - mean) = 0.
+    if not keepdims:
+        mean = tf.squeeze(mean, axes)
+        var = tf.squeeze(var, axes)
+    return mean, var
+
+
+def channel_axis(rank, axis):
+    """Normalizes a channel axis to a non-negative index, checking its range."""
+    if not isinstance(axis, int) or not -rank <= axis < rank:
+        raise ValueError(
+            f"Invalid value for `axis` argument: expected an int in [{-rank}, {rank}) "
+            f"for an input of rank {rank}. Received: axis={axis}"
+        )
+    return axis % rank
+
+
+def group_view(x, axis, groups):
+    """Views `x` so that each (example, channel group) can be reduced.
+
+    Channels on `axis` are split into `groups` contiguous groups. Both layouts are pure
+    reshapes: channels-last gives `(N, positions, G, C/G)` (reduce axes 1 and 3),
+    channels-first gives `(N, G, C/G * positions)` (reduce axis 2).
+    Returns the view, its reduction axes, and a function that maps an `(N, G)` tensor
+    back to a tensor that broadcasts against `x` per (example, channel).
+    """
+    rank = x.shape.rank
+    axis = channel_axis(rank, axis)
+    channels = x.shape[axis]
+    per_group = channels // groups
+    shape = tf.shape(x)
+    batch = shape[0]
+    if axis == rank - 1:
+        view = tf.reshape(x, tf.stack([batch, -1, groups, per_group]))
+        reduce_axes = [1, 3]
+    else:
+        view = tf.reshape(x, tf.stack([batch, groups, -1]))
+        reduce_axes = [2]
+
+    broadcast_shape = [1] * rank
+
+    def to_channels(stat):
+        """(N, G) -> shape broadcastable to x, repeating each group value per channel."""
+        per_channel = tf.repeat(stat, per_group, axis=1) if per_group > 1 else stat
+        shape = [-1] + broadcast_shape[1:]
+        shape[axis] = channels
+        return tf.reshape(per_channel, shape)
+
+    return view, reduce_axes, to_channels
+
+
+def group_moments(x, axis, groups):
+    """Per-(example, group) mean and variance, each of shape `(N, G)`, in float32 at least.
+
+    LayerNorm over all non-batch axes is `groups=1`; InstanceNorm is `groups=channels`.
+    Returns `(mean, var, to_channels)`, `to_channels` as in `group_view`.
+    """
+    view, reduce_axes, to_channels = group_view(x, axis, groups)
+    mean, var = moments(view, reduce_axes)
+    return mean, var, to_channels
