@@ -40,7 +40,7 @@ def _lookup(name):
     if entry is None:
         raise ValueError(
             f"Unknown normalization name. Expected one of {available_norm_acts()}. "
-            f"Received: name={name!r}")
+            f"Received: norm={name!r}")
     target, defaults = entry
     if isinstance(target, str):
         module, cls = target.split(":")
@@ -67,11 +67,11 @@ def _check_kwargs(cls, kwargs, name):
             f"Received: {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)}")
 
 
-def get_norm_act_layer(name, **kwargs):
+def get_norm_act_layer(norm, /, **kwargs):
     """Creates a norm + activation layer from its registered name.
 
     Args:
-        name: one of `available_norm_acts()`, e.g. `"bn"`, `"ln"`, `"gn"`, `"in"`,
+        norm: one of `available_norm_acts()`, e.g. `"bn"`, `"ln"`, `"gn"`, `"in"`,
             `"ln+pn"`, `"gn+pn"`, `"in+pn"`.
         **kwargs: arguments of the layer (override the name's defaults).
 
@@ -81,10 +81,10 @@ def get_norm_act_layer(name, **kwargs):
     Raises:
         ValueError: for an unknown name or an argument the layer does not take.
     """
-    return resolve_norm_act(name, **kwargs)()
+    return resolve_norm_act(norm, **kwargs)()
 
 
-def resolve_norm_act(norm, **defaults):
+def resolve_norm_act(norm, /, **defaults):
     """Returns a callable `(**overrides) -> Layer` for a name, a layer class or a callable.
 
     Unknown names and (for names and classes) unknown arguments raise here, once.

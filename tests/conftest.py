@@ -1,0 +1,55 @@
+"""Shared fixtures: both implementations, dtype policies, seeds."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import tf_proxynorm as tfpn
+
+
+@pytest.fixture(params=["reference", "fused"])
+def implementation(request):
+    """Runs a test once per implementation. The fused path is skipped only when the
+    library could not be built here, and fails instead in CI (CI=true), where it must build."""
+    if request.param == "fused" and not tfpn.fused_op_available():
+        from tf_proxynorm import _custom_op
+        message = f"fused op unavailable: {_custom_op.unavailable_reason()}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return request.param
+
+
+@pytest.fixture
+def policy(request):
+    """Sets a Keras dtype policy for one test (indirect parametrization) and restores it."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(request.param)
+    yield request.param
+    keras.config.set_dtype_policy(previous)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def random_params(rng, channels, proxy=True):
+    """Non-trivial per-channel parameters (float32) for gamma, beta, proxy_beta, proxy_gamma."""
+    out = {
+        "gamma": 1.0 + 0.3 * rng.standard_normal(channels),
+        "beta": 0.3 * rng.standard_normal(channels),
+    }
+    if proxy:
+        out["proxy_beta"] = 0.2 * rng.standard_normal(channels)
+        out["proxy_gamma"] = 0.2 * rng.standard_normal(channels)
+    return {k: v.astype("float32") for k, v in out.items()}
+
+
+def set_params(layer, params):
+    for name, value in params.items():
+        weight = getattr(layer, name, None)
+        if weight is not None:
+            weight.assign(value)

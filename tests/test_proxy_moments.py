@@ -1,0 +1,78 @@
+"""Proxy statistics against the numbers of shared/spec/proxy_norm.md section 6 and NumPy."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import reference as R
+from tf_proxynorm.ops import gaussian_quantiles, proxy_moments
+
+
+def _moments(act, gamma=1.0, beta=0.0, pb=0.0, pg=0.0):
+    c = lambda v: tf.constant([v], tf.float32)  # noqa: E731
+    m, v = proxy_moments(c(gamma), c(beta), c(pb), c(pg), act)
+    return float(m[0]), float(v[0])
+
+
+def test_quantiles_match_spec():
+    q = gaussian_quantiles().numpy().astype(np.float64)
+    assert q.shape == (200,)
+    assert abs(q.mean()) < 1e-7
+    assert q.var() == pytest.approx(0.993596, abs=2e-6)
+    assert q.max() == pytest.approx(2.807034, abs=2e-6)
+    np.testing.assert_allclose(q, -q[::-1], atol=1e-6)
+
+
+@pytest.mark.parametrize("act, params, mean, var, scale", [
+    ("relu", {}, 0.398451, 0.338035, 1.648373),
+    ("swish", {}, 0.206048, 0.310004, 1.714977),
+    ("relu", {"gamma": 2.0, "beta": 0.5}, 1.071703, 1.768828, None),
+    ("relu", {"gamma": 0.5, "beta": -1.0}, 0.003985, 0.001119, 5.6687),
+    ("relu", {"gamma": 1.5, "beta": -0.3, "pg": 0.2, "pb": 0.5}, 0.964533, 1.432750, 0.826827),
+])
+def test_spec_section6_values(act, params, mean, var, scale):
+    m, v = _moments(act, **params)
+    assert m == pytest.approx(mean, abs=2e-6)
+    assert v == pytest.approx(var, abs=2e-6)
+    if scale is not None:
+        assert 1.0 / np.sqrt(v + 0.03) == pytest.approx(scale, abs=2e-4)
+
+
+def test_dmean_dbeta_is_half_at_init():
+    beta = tf.Variable([0.0])
+    with tf.GradientTape() as tape:
+        m, _ = proxy_moments(tf.ones(1), beta, tf.zeros(1), tf.zeros(1), "relu")
+    assert float(tape.gradient(m, beta)[0]) == pytest.approx(0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu", "leaky_relu", "linear"])
+def test_against_numpy(rng, act):
+    gamma, beta, pb, pg = (rng.normal(s, 0.4, 7).astype("float32") for s in (1, 0, 0, 0))
+    m, v = proxy_moments(gamma, beta, pb, pg, act)
+    m_ref, v_ref = R.proxy_moments(gamma, beta, pb, pg, act)
+    np.testing.assert_allclose(m.numpy(), m_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v.numpy(), v_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
+def test_gradients_into_all_four_parameters(rng, act):
+    """Theoretical (autodiff) vs numerical Jacobians of (m, v) w.r.t. the four parameters."""
+    params = [tf.constant(rng.normal(s, 0.3, 3), tf.float64) for s in (1, 0, 0, 0)]
+
+    def f(g, b, pb, pg):
+        m, v = proxy_moments(g, b, pb, pg, act)
+        return tf.concat([m, v], 0)
+
+    # proxy_moments computes in float32; compare autodiff with float64 central differences
+    # of the float64 NumPy reference.
+    theoretical, _ = tf.test.compute_gradient(f, params)
+    base = [p.numpy() for p in params]
+    for k, jac in enumerate(theoretical):
+        num = np.zeros_like(jac)
+        for j in range(3):
+            hi, lo = [b.copy() for b in base], [b.copy() for b in base]
+            hi[k][j] += 1e-6
+            lo[k][j] -= 1e-6
+            num[:, j] = (np.concatenate(R.proxy_moments(*hi, act))
+                         - np.concatenate(R.proxy_moments(*lo, act))) / 2e-6
+        np.testing.assert_allclose(jac, num, atol=2e-4, rtol=2e-3)
