@@ -5,6 +5,7 @@ sets the global default; `set_implementation()` changes it at run time. A layer'
 `implementation="fused"` or `"reference"` argument always wins over the global default.
 """
 
+import contextlib
 import os
 
 IMPLEMENTATIONS = ("auto", "fused", "reference")
@@ -41,3 +42,18 @@ def get_implementation():
 def resolve(implementation):
     """A layer's `implementation` argument combined with the global default."""
     return get_implementation() if implementation == "auto" else implementation
+
+
+@contextlib.contextmanager
+def use_implementation(implementation):
+    """Sets the global default inside a `with` block and restores the previous one after.
+
+    Example: `with use_implementation("reference"): model.export(path)`.
+    """
+    global _override
+    previous = _override
+    set_implementation(implementation)
+    try:
+        yield
+    finally:
+        _override = previous

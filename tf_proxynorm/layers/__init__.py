@@ -5,3 +5,9 @@ from tf_proxynorm.layers.factory import (available_norm_acts, get_norm_act_layer
 from tf_proxynorm.layers.norm_act import (BatchNormAct, GroupNormAct, InstanceNormAct,
                                           LayerNormAct)
 from tf_proxynorm.layers.proxy_norm_act import ProxyNormAct
+from tf_proxynorm.layers.batch_group_norm import BatchGroupNormalization
+from tf_proxynorm.layers.cross_iteration_bn import (CBNConv2D, CrossIterationBatchNormalization,
+                                                    conv_norm_layers)
+from tf_proxynorm.layers.evonorm import EvoNormB0, EvoNormS0
+from tf_proxynorm.layers.iebn import InstanceEnhancementBatchNormalization
+from tf_proxynorm.layers.weight_standardization import WSConv2D, standardize_kernel

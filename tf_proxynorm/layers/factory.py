@@ -17,7 +17,12 @@ _REGISTRY = {
     "gn+pn": ("tf_proxynorm.layers.norm_act:GroupNormAct", {"proxy_norm": True}),
     "in+pn": ("tf_proxynorm.layers.norm_act:InstanceNormAct", {"proxy_norm": True}),
     "pn": ("tf_proxynorm.layers.proxy_norm_act:ProxyNormAct", {}),
-    # Other normalizations register here (issue: EvoNorm, CBN, IEBN, BGN).
+    "evonorm_b0": ("tf_proxynorm.layers.evonorm:EvoNormB0", {}),
+    "evonorm_s0": ("tf_proxynorm.layers.evonorm:EvoNormS0", {}),
+    "iebn": ("tf_proxynorm.layers.iebn:InstanceEnhancementBatchNormalization", {}),
+    "bgn": ("tf_proxynorm.layers.batch_group_norm:BatchGroupNormalization", {}),
+    # Needs its conv: model builders apply conv + norm through `conv_norm_layers`.
+    "cbn": ("tf_proxynorm.layers.cross_iteration_bn:CrossIterationBatchNormalization", {}),
 }
 
 

@@ -83,7 +83,7 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
     implementation = config.resolve(implementation)
     if implementation != "reference":
         name = activations.canonical_name(activation)
-        if _custom_op.can_use_fused(x, name):
+        if _custom_op.can_use_fused(x, name, axis):
             ones = lambda v, fill: v if v is not None else tf.fill([x.shape[axis]], fill)  # noqa: E731
             return _custom_op.group_norm_act(
                 x, ones(gamma, 1.0), ones(beta, 0.0), proxy_mean, proxy_inv_std,
@@ -91,8 +91,8 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
         if implementation == "fused":
             raise ValueError(
                 "implementation='fused' was requested but the fused op cannot run here: "
-                f"{_custom_op.why_not_fused(x, name)}. Use implementation='auto' to fall back "
-                "to the reference path.")
+                f"{_custom_op.why_not_fused(x, name or activation, axis)}. Use "
+                "implementation='auto' to fall back to the reference path.")
     return group_norm_act_reference(
         x, gamma, beta, groups=groups, axis=axis, epsilon=epsilon, activation=activation,
         proxy_mean=proxy_mean, proxy_inv_std=proxy_inv_std)

@@ -40,9 +40,10 @@ def channel_axis(rank, axis):
 def group_view(x, axis, groups):
     """Views `x` so that each (example, channel group) can be reduced.
 
-    Channels on `axis` are split into `groups` contiguous groups. Both layouts are pure
-    reshapes: channels-last gives `(N, positions, G, C/G)` (reduce axes 1 and 3),
-    channels-first gives `(N, G, C/G * positions)` (reduce axis 2).
+    Channels on `axis` are split into `groups` contiguous groups. Both common layouts are
+    pure reshapes: channels-last gives `(N, positions, G, C/G)` (reduce axes 1 and 3),
+    channels-first gives `(N, G, C/G * positions)` (reduce axis 2); channels on any other
+    axis are transposed last, then viewed as channels-last.
     Returns the view, its reduction axes, and a function that maps an `(N, G)` tensor
     back to a tensor that broadcasts against `x` per (example, channel).
     """
@@ -55,9 +56,13 @@ def group_view(x, axis, groups):
     if axis == rank - 1:
         view = tf.reshape(x, tf.stack([batch, -1, groups, per_group]))
         reduce_axes = [1, 3]
-    else:
+    elif axis == 1:
         view = tf.reshape(x, tf.stack([batch, groups, -1]))
         reduce_axes = [2]
+    else:  # channels on a middle axis: move them last first (a transpose)
+        perm = [0] + [a for a in range(1, rank) if a != axis] + [axis]
+        view = tf.reshape(tf.transpose(x, perm), tf.stack([batch, -1, groups, per_group]))
+        reduce_axes = [1, 3]
 
     broadcast_shape = [1] * rank
 

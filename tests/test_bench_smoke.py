@@ -1,0 +1,60 @@
+"""Smoke test of benchmarks/bench_norm.py: it runs end to end on a tiny shape and reports
+what it claims (the timings themselves are checked by reading the benchmark, not here)."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+import tf_proxynorm as tfpn
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_norm.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_norm", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pass_bytes_is_the_issue_five_pass_model(bench):
+    # Issue 3: read x, write y, read x and dy, write dx = 5 * N*H*W*C * 4 bytes in float32.
+    assert bench.pass_bytes((8, 56, 56, 256), 5) == 128_450_560
+    assert bench.pass_bytes((2, 3, 5, 7), 2, itemsize=2) == 2 * 210 * 2
+
+
+def test_bad_flags_are_refused(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--norms=gn,bn"])
+    assert "Received: --norms=['bn']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes=8x56x256"])
+    assert "8x56x256" in capsys.readouterr().err
+
+
+def test_quick_run_on_a_tiny_shape(bench, capsys):
+    shape = (2, 4, 4, 64)
+    results = bench.main(["--quick", "--shapes=2x4x4x64", "--norms=gn,in", "--repeats=2",
+                          "--markdown"])
+    out = capsys.readouterr().out
+    expected = [n for n in bench.CANDIDATES
+                if n != bench.FUSED or tfpn.fused_op_available()]
+    assert [(r["shape"], r["norm"]) for r in results] == [(shape, "gn"), (shape, "in")]
+    for r in results:
+        for key in ("fwd", "fwd_bwd"):
+            assert list(r[key + "_ratio"]) == expected
+            times = np.array([r[key][n] for n in expected])
+            assert np.all(np.isfinite(times)) and np.all(times > 0)
+            assert r[key + "_ratio"][bench.BASELINE] == 1.0
+            # 5 (or 2) tensors of 2*4*4*64 float32 over the time, as a share of the copy's
+            # 2 tensors over its time.
+            passes = 5 if key == "fwd_bwd" else 2
+            name = expected[0]
+            want = (passes * 2048 * 4 / r[key][name]) / (2 * 2048 * 4 / r[key][bench.COPY])
+            assert bench.efficiency(r, name, key) == pytest.approx(want, rel=1e-12)
+    for name in expected:
+        assert name in out
+    assert "Targets" in out and "| 2x4x4x64 | IN |" in out

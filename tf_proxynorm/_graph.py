@@ -1,0 +1,141 @@
+"""Rebuilding Keras functional / Sequential graphs layer by layer (used by convert and fold).
+
+A `Graph` lists the nodes of a model in execution order and who consumes each tensor;
+`Graph.rebuild` calls a function on every node with the already-rebuilt input tensors and
+makes a new model of the results. Layers that are kept are cloned (`call_clone`), so the new
+model never shares weights with the original.
+"""
+
+import collections
+
+import keras
+
+
+def is_graph_model(layer):
+    """Whether `layer` is a functional or Sequential Keras model (whose graph we can walk)."""
+    if isinstance(layer, keras.Sequential):
+        return True
+    return isinstance(layer, keras.Model) and getattr(layer, "_nodes_by_depth", None) is not None
+
+
+def check_graph_model(model, what):
+    """Raises a ValueError unless `model` is a functional or built Sequential model."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"{what} expects a Keras model. Received: model={model!r}")
+    if not is_graph_model(model):
+        raise ValueError(
+            f"{what} supports functional and Sequential Keras models only: a subclassed "
+            "model's call() is Python code whose graph cannot be rewritten. Rebuild it with the "
+            "functional API, or swap its layers by hand. "
+            f"Received: model={model.name!r} of class {type(model).__name__}")
+    if isinstance(model, keras.Sequential) and getattr(model, "_functional", None) is None:
+        raise ValueError(
+            f"{what} needs a built Sequential model with a known input shape: start it with "
+            "`keras.Input(shape)` or call `model.build(input_shape)`. "
+            f"Received: model={model.name!r}")
+
+
+def contains(model, predicate):
+    """Whether any layer nested in `model` (at any depth) satisfies `predicate`."""
+    return any(predicate(layer) for layer in model._flatten_layers(include_self=False))
+
+
+class Graph:
+    """The nodes of a functional or Sequential model, in execution order."""
+
+    def __init__(self, model, what):
+        check_graph_model(model, what)
+        self.model = model
+        self.functional = model._functional if isinstance(model, keras.Sequential) else model
+        by_depth = self.functional._nodes_by_depth
+        self.nodes = [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]
+                      if node.operation is not None and not node.is_input]
+        self.consumers = collections.defaultdict(list)
+        self.calls = collections.Counter()
+        for node in self.nodes:
+            self.calls[id(node.operation)] += 1
+            for tensor in node.input_tensors:
+                self.consumers[id(tensor)].append(node)
+        self._output_ids = {id(t) for t in self.functional.outputs}
+
+    def num_calls(self, layer):
+        """How many times `layer` is called in this graph."""
+        return self.calls[id(layer)]
+
+    def consumers_of(self, tensor):
+        """The nodes that take `tensor` as input, or None when it is also a model output."""
+        if id(tensor) in self._output_ids:
+            return None
+        return self.consumers[id(tensor)]
+
+    def only_consumer(self, tensor):
+        """The single node consuming `tensor` (and nothing else does, not even the output)."""
+        consumers = self.consumers_of(tensor)
+        return consumers[0] if consumers is not None and len(consumers) == 1 else None
+
+    def rebuild(self, call_node):
+        """Builds a new model calling `call_node(node, args, kwargs, rewriter)` on every node.
+
+        `call_node` returns the node's new output tensor(s); it may set
+        `rewriter.outputs[id(old_tensor)]` itself (e.g. to route a node's output elsewhere)
+        and `rewriter.edges[id(consumer_node)][id(old_tensor)]` to give one consumer a
+        different tensor than the others. A Sequential model comes back Sequential.
+        """
+        rewriter = _Rewriter()
+        new_inputs = []
+        for x in self.functional.inputs:
+            new = keras.Input(batch_shape=x.shape, dtype=x.dtype, sparse=x.sparse,
+                              name=x._keras_history.operation.name)
+            rewriter.outputs[id(x)] = new
+            new_inputs.append(new)
+        for node in self.nodes:
+            lookup = collections.ChainMap(rewriter.edges.get(id(node), {}), rewriter.outputs)
+            args, kwargs = node.arguments.fill_in(lookup)
+            outputs = call_node(node, args, kwargs, rewriter)
+            if outputs is None:
+                continue
+            for old, new in zip(node.outputs, keras.tree.flatten(outputs)):
+                rewriter.outputs.setdefault(id(old), new)
+        outputs = [rewriter.outputs[id(t)] for t in self.functional.outputs]
+        outputs = keras.tree.pack_sequence_as(self.functional._outputs_struct, outputs)
+        inputs = keras.tree.pack_sequence_as(self.functional._inputs_struct, new_inputs)
+        functional = keras.Model(inputs, outputs, name=self.model.name)
+        if not isinstance(self.model, keras.Sequential):
+            return functional
+        return keras.Sequential([new_inputs[0]] + functional.layers[1:], name=self.model.name)
+
+
+class _Rewriter:
+    def __init__(self):
+        self.outputs = {}
+        self.edges = collections.defaultdict(dict)
+        self._clones = {}
+
+    def call_clone(self, layer, args, kwargs, clone=None):
+        """Calls the clone of `layer` (made once, so shared layers stay shared) on new inputs.
+
+        `clone` (a ready layer, e.g. a converted nested model) replaces the default clone,
+        a layer from `layer`'s config whose weights are copied after its first call.
+        Returns `(new_layer, outputs)`. Stateless operations (`keras.ops` calls) and layers
+        whose config does not round-trip (e.g. a `Lambda` of a closure) are reused as is.
+        """
+        new = self._clones.get(id(layer))
+        if new is not None:
+            return new, new(*args, **kwargs)
+        new = clone if clone is not None else _clone_layer(layer)
+        self._clones[id(layer)] = new
+        outputs = new(*args, **kwargs)
+        if clone is None and new is not layer:
+            weights = layer.get_weights()
+            if weights:
+                new.set_weights(weights)
+        return new, outputs
+
+
+def _clone_layer(layer):
+    if not isinstance(layer, keras.layers.Layer):
+        return layer
+    try:
+        return type(layer).from_config(layer.get_config())
+    except Exception:  # noqa: BLE001 - any layer whose config does not round-trip is reused
+        return layer

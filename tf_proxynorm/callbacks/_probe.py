@@ -1,0 +1,239 @@
+"""Reading intermediate activations of a model without changing it.
+
+`LayerProbe` returns the inputs or outputs of chosen layers for a batch of model inputs:
+for functional and Sequential models through one probe `keras.Model` built once from the
+model's own graph; for subclassed models (or layers nested inside other layers) by
+recording the layers' calls while the model runs. `normalized_output` recomputes, from a
+normalization layer's input, its normalized output `y` before the affine.
+"""
+
+import keras
+import tensorflow as tf
+
+from tf_proxynorm.layers.batch_group_norm import BatchGroupNormalization
+from tf_proxynorm.layers.cross_iteration_bn import CBNConv2D
+from tf_proxynorm.layers.evonorm import EvoNormB0, EvoNormS0
+from tf_proxynorm.layers.norm_act import BatchNormAct, GroupNormAct
+from tf_proxynorm.ops.norm_act import batch_moments, batch_norm_act, group_norm_act_reference
+from tf_proxynorm.ops.stats import moments, stats_dtype
+
+# (layer class, function(layer, inputs, training) -> y, function(layer) -> channel axis).
+_NORMALIZERS = []
+
+
+def register_normalized_output(layer_class, fn, axis_fn=lambda layer: layer.axis):
+    """Teaches the statistics callbacks how to compute `y` for a normalization layer.
+
+    Args:
+        layer_class: a Keras layer class.
+        fn: `fn(layer, inputs, training) -> y`, the layer's normalized output before its
+            affine, computed from the layer's input.
+        axis_fn: `axis_fn(layer) -> int`, the channel axis of `y`.
+
+    A layer may instead define `normalized_output(inputs, training=False)` and a
+    `axis` attribute.
+    """
+    _NORMALIZERS.insert(0, (layer_class, fn, axis_fn))
+
+
+def _group_norm(layer, x, training):
+    del training
+    axis = layer.axis
+    groups = x.shape[axis] if layer.groups == -1 else layer.groups
+    return group_norm_act_reference(x, groups=groups, axis=axis, epsilon=layer.epsilon,
+                                    activation=None)
+
+
+def _batch_norm(layer, x, training):
+    if training:
+        mean, var = batch_moments(x, layer.axis)
+    else:
+        mean, var = layer.moving_mean, layer.moving_variance
+    return batch_norm_act(x, mean, var, axis=layer.axis, epsilon=layer.epsilon, activation=None)
+
+
+def _layer_norm(layer, x, training):
+    del training
+    axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+    x = tf.cast(x, "float32") if x.dtype != tf.float64 else x
+    if layer.rms_scaling:
+        return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axes, keepdims=True) + layer.epsilon)
+    mean, var = moments(x, axes, keepdims=True)
+    return (x - mean) * tf.math.rsqrt(var + layer.epsilon)
+
+
+def _layer_norm_axis(layer):
+    return layer.axis if isinstance(layer.axis, int) else -1
+
+
+def _batch_group_norm(layer, x, training):
+    """BGN: statistics per group of (batch, channel-major features)."""
+    x = tf.cast(x, stats_dtype(x.dtype))
+    view, axes, to_view, to_groups = layer._group_view(x)
+    if training:
+        mean, var = moments(view, axes)
+        mean, var = to_groups(mean), to_groups(var)
+    else:
+        mean, var = layer.moving_mean, layer.moving_variance
+    mean, var = tf.cast(mean, x.dtype), tf.cast(var, x.dtype)
+    y = (view - to_view(mean)) * to_view(tf.math.rsqrt(var + layer.epsilon))
+    return tf.reshape(y, tf.shape(x))
+
+
+def _evonorm(layer, x, training):
+    """EvoNorm: its normalization-activation before gamma and beta (no mean removed)."""
+    x = tf.cast(x, stats_dtype(x.dtype))
+    return layer._evonorm(x, training) if layer.nonlinear else x
+
+
+def _cbn_conv(layer, x, training):
+    """CBNConv2D (input = the conv's input): the conv, then BN with the current batch's
+    statistics (training; the cross-iteration window is not used) or the moving ones."""
+    z = layer._conv(x, tf.convert_to_tensor(layer.kernel))
+    z = tf.cast(z, stats_dtype(z.dtype))
+    if training:
+        mean, var = moments(z, layer._reduce_axes)
+    else:
+        mean, var = layer.moving_mean, layer.moving_variance
+    return batch_norm_act(z, mean, var, axis=layer._axis, epsilon=layer.epsilon,
+                          activation=None)
+
+
+register_normalized_output(keras.layers.LayerNormalization, _layer_norm, _layer_norm_axis)
+register_normalized_output(keras.layers.GroupNormalization, _group_norm)
+register_normalized_output(keras.layers.BatchNormalization, _batch_norm)
+register_normalized_output(BatchNormAct, _batch_norm)   # also IEBN (its BN part)
+register_normalized_output(GroupNormAct, _group_norm)   # also LayerNormAct, InstanceNormAct
+register_normalized_output(BatchGroupNormalization, _batch_group_norm)
+register_normalized_output(EvoNormS0, _evonorm)
+register_normalized_output(EvoNormB0, _evonorm)
+register_normalized_output(CBNConv2D, _cbn_conv, lambda layer: layer._axis)
+
+
+def _normalizer(layer):
+    if callable(getattr(layer, "normalized_output", None)):
+        return (lambda lyr, x, training: lyr.normalized_output(x, training=training),
+                lambda lyr: lyr.axis)
+    for cls, fn, axis_fn in _NORMALIZERS:
+        if isinstance(layer, cls):
+            return fn, axis_fn
+    return None
+
+
+def is_normalization(layer):
+    """Whether the callbacks know how to compute `layer`'s normalized output."""
+    return _normalizer(layer) is not None
+
+
+def normalized_output(layer, inputs, training=False):
+    """The normalized output `y` of a normalization layer (before affine/activation).
+
+    Args:
+        layer: a tf_proxynorm norm+act layer (BN, GN, LN, IN with or without PN, IEBN:
+            its BN part, BGN, EvoNorm-B0/S0: before gamma and beta, `CBNConv2D`: its
+            input is the conv's input), a Keras `BatchNormalization`,
+            `LayerNormalization` or `GroupNormalization`, or a registered layer.
+        inputs: the layer's input.
+        training: for batch normalizations, whether to use the batch statistics of
+            `inputs` (True) or the moving statistics (False). Nothing is updated.
+
+    Returns:
+        `(y, axis)`: `y` in float32 at least, `axis` its channel axis.
+    """
+    found = _normalizer(layer)
+    if found is None:
+        raise ValueError(
+            f"Layer {layer.name!r} ({type(layer).__name__}) is not a known normalization. "
+            "Register it with `tf_proxynorm.callbacks.register_normalized_output`. "
+            f"Received: layer={layer.name!r}")
+    fn, axis_fn = found
+    return fn(layer, inputs, training), axis_fn(layer)
+
+
+def is_kernel_layer(layer):
+    """Convolutions and dense layers (layers that own a `kernel` and have no sub-layers)."""
+    return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) or (
+        hasattr(layer, "kernel") and hasattr(layer, "data_format") and hasattr(layer, "strides"))
+
+
+def output_axis(layer):
+    """Channel axis of a kernel layer's output."""
+    return 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
+
+
+def all_layers(model):
+    """Every layer of `model`, nested ones included, in tracking (depth) order."""
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is not None:
+        return list(flatten(include_self=False, recursive=True))
+    return list(model.layers)
+
+
+class LayerProbe:
+    """Computes, for a batch, the inputs or outputs of chosen layers and the model's output.
+
+    Args:
+        model: a built Keras model.
+        taps: a list of `(layer, "input" | "output")`, layers of `model` (nested layers
+            allowed).
+
+    Calling `probe(x, training=False)` returns `(values, model_output)`, `values` a list
+    aligned with `taps`. Nothing of the model is changed; call it inside a `tf.function`
+    for speed. A layer called several times is read at its first call.
+    """
+
+    def __init__(self, model, taps):
+        self.model = model
+        self.taps = [(layer, what) for layer, what in taps]
+        for layer, what in self.taps:
+            if what not in ("input", "output"):
+                raise ValueError(
+                    f"A tap must be 'input' or 'output'. Received: {what!r} for {layer.name!r}")
+        self.functional = self._build_functional()
+
+    def _build_functional(self):
+        if not getattr(self.model, "inputs", None):
+            return None
+        try:
+            tensors = [getattr(layer, what) for layer, what in self.taps]
+            return keras.Model(self.model.inputs, [tensors, self.model.outputs])
+        except (AttributeError, ValueError, TypeError):
+            return None
+
+    def __call__(self, x, training=False):
+        if self.functional is not None:
+            values, outputs = self.functional(x, training=training)
+            return list(values), outputs[0] if len(outputs) == 1 else outputs
+        return self._record(x, training)
+
+    def _record(self, x, training):
+        recorded = {}
+        layers = {}
+        for index, (layer, what) in enumerate(self.taps):
+            layers.setdefault(id(layer), (layer, []))[1].append((index, what))
+        saved = {}
+        for key, (layer, wanted) in layers.items():
+            saved[key] = layer.__dict__.get("call")
+            original = layer.call
+
+            def wrapper(*args, _original=original, _wanted=wanted, **kwargs):
+                out = _original(*args, **kwargs)
+                for index, what in _wanted:
+                    if index not in recorded:
+                        recorded[index] = args[0] if what == "input" else out
+                return out
+
+            object.__setattr__(layer, "call", wrapper)
+        try:
+            outputs = self.model(x, training=training)
+        finally:
+            for key, (layer, _) in layers.items():
+                if saved[key] is None:
+                    object.__delattr__(layer, "call")
+                else:
+                    object.__setattr__(layer, "call", saved[key])
+        missing = sorted({layer.name for i, (layer, _) in enumerate(self.taps)
+                          if i not in recorded})
+        if missing:
+            raise ValueError(f"These layers were not called by the model: {missing}")
+        return [recorded[i] for i in range(len(self.taps))], outputs

@@ -1,0 +1,90 @@
+"""Portable SavedModel export: loads with `tf.saved_model.load` and no tf_proxynorm.
+
+See docs/export.md for what is and is not portable.
+"""
+
+import contextlib
+import os
+
+from tensorflow.core.protobuf import saved_model_pb2
+
+from tf_proxynorm import _graph, config
+from tf_proxynorm.fold import _is_proxy_layer, fold_for_inference
+
+# Namespace of the fused op (docs/fused_op_contract.md): graphs holding such ops need the
+# compiled library at load time.
+CUSTOM_OP_PREFIX = "TfProxyNorm>"
+
+
+@contextlib.contextmanager
+def _all_layers_on_reference(model):
+    """Sets every layer's `implementation` to "reference" for the block, then restores it."""
+    changed = []
+    for layer in model._flatten_layers(include_self=False):
+        if getattr(layer, "implementation", None) in ("auto", "fused"):
+            changed.append((layer, layer.implementation))
+            layer.implementation = "reference"
+    try:
+        with config.use_implementation("reference"):
+            yield
+    finally:
+        for layer, implementation in changed:
+            layer.implementation = implementation
+
+
+def saved_model_op_types(path):
+    """The set of op types in a SavedModel directory's graphs and function library."""
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    ops = set()
+    for meta_graph in proto.meta_graphs:
+        ops.update(node.op for node in meta_graph.graph_def.node)
+        for function in meta_graph.graph_def.library.function:
+            ops.update(node.op for node in function.node_def)
+    return ops
+
+
+def export_saved_model(model, path, fold=True, verbose=False):
+    """Exports a model for serving as a TensorFlow SavedModel.
+
+    Every norm layer is traced on the pure-TensorFlow reference path, whatever its
+    `implementation` argument or the global default says (both are restored afterwards),
+    and the written graph is checked to hold no fused-op (`TfProxyNorm>...`) node. The
+    SavedModel has an endpoint `serve` and a `serving_default` signature taking any
+    batch size (the other dimensions are the model's input shape). It loads with
+    `tf.saved_model.load(path)` in a process that never imports tf_proxynorm, in TF
+    Serving, and converts with `tf.lite.TFLiteConverter.from_saved_model(path)`.
+
+    Args:
+        model: a built Keras model (functional or Sequential to fold; any model otherwise).
+        path: the directory to write.
+        fold: run `fold_for_inference` first (when the model has Proxy Norm layers), so the
+            served graph has no proxy-statistics computation. Requires a functional or
+            Sequential model. Defaults to True.
+        verbose: print Keras' export summary.
+
+    Returns:
+        The model that was traced (the folded model when `fold` folded something).
+
+    Raises:
+        ValueError: when `fold` is set for a subclassed model that holds Proxy Norm layers.
+        RuntimeError: if the written graph still holds a fused-op node.
+
+    Example:
+
+    >>> tfpn.export_saved_model(model, "/tmp/served")
+    >>> served = tf.saved_model.load("/tmp/served")      # no tf_proxynorm needed
+    >>> served.serve(images)
+    """
+    if fold and _graph.contains(model, _is_proxy_layer):
+        model = fold_for_inference(model)
+    with _all_layers_on_reference(model):
+        model.export(str(path), format="tf_saved_model", verbose=verbose)
+    custom = sorted(op for op in saved_model_op_types(str(path)) if op.startswith(CUSTOM_OP_PREFIX))
+    if custom:
+        raise RuntimeError(
+            f"The SavedModel at {str(path)!r} holds fused-op nodes {custom}; it would not load "
+            "without the tf_proxynorm op library.")
+    return model
+

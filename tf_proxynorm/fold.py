@@ -1,0 +1,413 @@
+"""Fold Proxy Normalization's output affine away for inference.
+
+PN-Act's proxy statistics depend on parameters only, so at inference it is
+`a_c * act(gamma_c y + beta_c) + b_c` with `a = (v + eps)^-1/2` and `b = -m a` (spec
+section 3). `fold_for_inference` runs the norm + activation without the proxy step and
+moves `a` and `b` into the next linear layer's kernel and bias.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_proxynorm import _graph
+from tf_proxynorm.convert import ConversionStep
+from tf_proxynorm.layers._base import NormActBase
+from tf_proxynorm.layers.norm_act import GroupNormAct
+from tf_proxynorm.layers.proxy_norm_act import ProxyNormAct
+from tf_proxynorm.ops import activations
+from tf_proxynorm.ops.norm_act import affine_act_proxy
+from tf_proxynorm.ops.stats import channel_axis
+
+
+@keras.saving.register_keras_serializable(package="tf_proxynorm")
+class ChannelAffine(keras.layers.Layer):
+    """Per-channel `act(scale * x + offset)`: what remains of a folded layer.
+
+    `fold_for_inference` uses it for PN's output affine where no linear layer can absorb
+    it, for a per-channel shift in front of a zero-padded convolution, and for a
+    `ProxyNormAct` without its proxy step.
+
+    ```python
+    y = act(scale_c * x + offset_c)
+    ```
+
+    Args:
+        axis: the channel axis. Defaults to -1.
+        use_scale: whether the layer owns a `scale` weight (initialized to ones).
+        use_offset: whether the layer owns an `offset` weight (initialized to zeros).
+        activation: activation name or callable (see `tf_proxynorm.ops.activations`).
+            Defaults to None (identity).
+        **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
+
+    Call arguments:
+        inputs: a tensor with channels on `axis`.
+
+    Returns:
+        A tensor of the input's shape in the layer's compute dtype.
+
+    Example:
+
+    >>> layer = ChannelAffine(use_scale=False)
+    >>> layer(np.ones((2, 3), "float32")).shape
+    TensorShape([2, 3])
+    """
+
+    def __init__(self, axis=-1, use_scale=True, use_offset=True, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(axis, int):
+            raise ValueError(f"`axis` must be an int (the channel axis). Received: axis={axis}")
+        self.axis = axis
+        self.use_scale = bool(use_scale)
+        self.use_offset = bool(use_offset)
+        self.activation = activation
+        self._activation_fn = activations.get(activation)[1]
+        self.scale = self.offset = None
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        axis = channel_axis(len(input_shape), self.axis)
+        channels = input_shape[axis]
+        for name, on, init in (("scale", self.use_scale, "ones"),
+                               ("offset", self.use_offset, "zeros")):
+            if on:
+                setattr(self, name, self.add_weight(name=name, shape=(channels,),
+                                                    initializer=init))
+
+    def call(self, inputs):
+        return affine_act_proxy(inputs, self.scale, self.offset, axis=self.axis,
+                                activation=self._activation_fn)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis, "use_scale": self.use_scale,
+                "use_offset": self.use_offset,
+                "activation": activations.serialize(self.activation)}
+
+
+@keras.saving.register_keras_serializable(package="tf_proxynorm")
+class ShiftedGroupNormAct(GroupNormAct):
+    """`GroupNormAct` (no proxy step) plus a per-channel output offset, in one kernel.
+
+    What remains of a GN/LN/IN + PN layer whose output scale `fold_for_inference` moved
+    into a zero-padded convolution: the offset (`-m`, the proxy mean) rides in the fused
+    op's proxy inputs (`proxy_mean=-offset, proxy_inv_std=1`), so it costs no extra pass.
+
+    ```python
+    y = act(gamma * group_normalize(x) + beta) + offset
+    ```
+
+    Args:
+        groups, activation, axis, epsilon, center, scale, implementation, initializers,
+            regularizers, constraints: as `GroupNormAct` (`proxy_norm` must be False).
+
+    Reference:
+        - [Labatie et al., 2021](https://arxiv.org/abs/2106.03743), section 3 (folding).
+    """
+
+    def __init__(self, groups=32, activation="relu", axis=-1, **kwargs):
+        if kwargs.pop("proxy_norm", False):
+            raise ValueError("ShiftedGroupNormAct has no proxy step. Received: proxy_norm=True")
+        super().__init__(groups=groups, activation=activation, proxy_norm=False, axis=axis,
+                         **kwargs)
+        self.offset = None
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        _, channels = self._channels(input_shape)
+        self.offset = self.add_weight(name="offset", shape=(channels,), initializer="zeros",
+                                      trainable=True, autocast=False, dtype="float32")
+
+    def proxy_statistics(self):
+        offset = tf.convert_to_tensor(self.offset)
+        return -offset, tf.ones_like(offset)
+
+
+# Layers between PN-Act and the layer that absorbs its affine. "both": commutes with a
+# positive per-channel scale and a per-channel shift (inference identities, poolings,
+# crops); "scale": commutes with the scale only (zero padding: the border sees 0, not b).
+_L = keras.layers
+_TRANSPARENT = {
+    **{cls: "both" for cls in (
+        _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
+        _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.Identity,
+        _L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D, _L.GlobalAveragePooling3D,
+        _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D, _L.GlobalMaxPooling3D,
+        _L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D,
+        _L.MaxPooling1D, _L.MaxPooling2D, _L.MaxPooling3D,
+        _L.Cropping1D, _L.Cropping2D, _L.Cropping3D)},
+    **{cls: "scale" for cls in (_L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D)},
+}
+# Exact types only: a subclass (e.g. a weight-standardized conv) may transform its kernel.
+_CONVS = (_L.Conv1D, _L.Conv2D, _L.Conv3D)
+_DEPTHWISE = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
+
+
+def _format_agrees(layer, rank, axis):
+    data_format = getattr(layer, "data_format", None)
+    if data_format is None:
+        return True
+    return axis == (rank - 1 if data_format == "channels_last" else 1)
+
+
+def _can_absorb(layer, rank, axis):
+    """Whether `layer` can take a per-input-channel affine on `axis` into its weights."""
+    if getattr(layer, "lora_enabled", False) or getattr(layer.dtype_policy,
+                                                        "quantization_mode", None):
+        return False
+    if type(layer) in _CONVS:
+        return layer.groups == 1 and _format_agrees(layer, rank, axis)
+    if type(layer) in _DEPTHWISE:
+        return _format_agrees(layer, rank, axis)
+    return type(layer) is _L.Dense and axis == rank - 1
+
+
+def _bias_is_exact(layer):
+    """Folding the shift into the bias is exact unless the layer zero-pads its input."""
+    if type(layer) is _L.Dense:
+        return True
+    return layer.padding == "valid" or all(k == 1 for k in layer.kernel_size)
+
+
+def _fold_weights(layer, scale, shift):
+    """Kernel and bias of `layer` applied to `scale * x + shift` (shift may be None)."""
+    kernel = layer.kernel.numpy().astype(np.float64)
+    bias = (layer.bias.numpy().astype(np.float64) if layer.use_bias
+            else np.zeros(kernel.shape[-1] * (kernel.shape[-2] if type(layer) in _DEPTHWISE
+                                              else 1)))
+    scale = scale.astype(np.float64)
+    if type(layer) in _DEPTHWISE:            # kernel (*k, C, multiplier), bias (C * mult,)
+        if shift is not None:
+            flat = kernel.reshape((-1,) + kernel.shape[-2:])
+            bias = bias + np.einsum("kcm,c->cm", flat, shift).reshape(-1)
+        kernel = kernel * scale[:, None]
+    else:                                    # kernel (*k, C_in, C_out), bias (C_out,)
+        if shift is not None:
+            bias = bias + np.einsum("kco,c->o", kernel.reshape((-1,) + kernel.shape[-2:]), shift)
+        kernel = kernel * scale[:, None]
+    return kernel, bias
+
+
+class _Folder:
+    def __init__(self, prefix=""):
+        self.prefix = prefix
+        self.report = []
+        self.targets = {}     # id(target node) -> (scale, shift or None, PN layer name)
+        self._nested = {}
+        self._shared = {}     # id(PN layer called several times) -> (new layer, affine)
+
+    def _note(self, old, new, action):
+        self.report.append(ConversionStep(self.prefix + old, self.prefix + new, action))
+
+    def fold(self, model):
+        self.graph = _graph.Graph(model, "fold_for_inference")
+        return self.graph.rebuild(self._call_node)
+
+    def _call_node(self, node, args, kwargs, rewriter):
+        layer = node.operation
+        if id(node) in self.targets:
+            return self._absorb(node, args, kwargs, rewriter)
+        if _is_proxy_layer(layer):
+            return self._fold_pn(node, args, kwargs, rewriter)
+        if _graph.is_graph_model(layer) and _graph.contains(layer, _is_proxy_layer):
+            folded = self._nested.get(id(layer))
+            if folded is None:
+                sub = _Folder(prefix=f"{self.prefix}{layer.name}/")
+                folded = self._nested[id(layer)] = sub.fold(layer)
+                self.report.extend(sub.report)
+            return rewriter.call_clone(layer, args, kwargs, clone=folded)[1]
+        return rewriter.call_clone(layer, args, kwargs)[1]
+
+    # -- the PN layer ----------------------------------------------------------------------
+    def _fold_pn(self, node, args, kwargs, rewriter):
+        layer = node.operation
+        mean, inv_std = (t.numpy().astype(np.float64) for t in layer.proxy_statistics())
+        scale, shift = inv_std, -mean * inv_std
+        if self.graph.num_calls(layer) > 1:
+            if id(layer) not in self._shared:
+                self._shared[id(layer)] = (_without_proxy(layer), _affine_layer(layer, scale, shift,
+                                                                          "proxy_affine"))
+                self._note(layer.name, layer.name,
+                           "shared layer: proxy step kept as a ChannelAffine after each call")
+            new, affine = self._shared[id(layer)]
+            return affine(new(args[0]))
+        rank = len(node.input_tensors[0].shape)
+        axis = channel_axis(rank, layer.axis)
+        branches = self._branches(node.outputs[0], rank, axis)
+        if (branches is not None and not any(exact for _, _, exact in branches)
+                and isinstance(layer, GroupNormAct)):
+            # Every consumer needs the shift: it goes into the norm's own kernel.
+            z = _without_proxy(layer, offset=-mean)(args[0])
+            for _, targets, _ in branches:
+                for target in targets:
+                    self.targets[id(target)] = (scale, None)
+                    self._note(layer.name, target.operation.name,
+                               "proxy step removed, affine folded: scale into kernel, shift -m "
+                               "kept as the norm's output offset (zero padding on the way)")
+            return z
+        z = _without_proxy(layer)(args[0])
+        if branches is None:
+            affine = _affine_layer(layer, scale, shift, "proxy_affine")
+            self._note(layer.name, affine.layer.name,
+                       "proxy step removed; output affine kept as a ChannelAffine (no single "
+                       "linear layer absorbs it)")
+            return affine(z)
+        shifted = None
+        for first, targets, exact in branches:
+            if not exact:
+                if shifted is None:
+                    shifted = _affine_layer(layer, None, -mean, "proxy_shift")(z)
+                rewriter.edges[id(first)][id(node.outputs[0])] = shifted
+            how = ("scale into kernel, shift into bias" if exact else
+                   "scale into kernel, shift -m kept in front (zero padding on the way)")
+            for target in targets:
+                self.targets[id(target)] = (scale, shift if exact else None)
+                self._note(layer.name, target.operation.name,
+                           f"proxy step removed, affine folded: {how}")
+        return z
+
+    def _branches(self, tensor, rank, axis):
+        """Per consumer of `tensor`: (consumer, absorbing nodes, bias exact), or None."""
+        consumers = self.graph.consumers_of(tensor)
+        if not consumers:
+            return None
+        branches = []
+        for node in consumers:
+            leaves = self._leaves(node, rank, axis)
+            if leaves is None:
+                return None
+            branches.append((node, [t for t, _ in leaves], all(e for _, e in leaves)))
+        return branches
+
+    def _leaves(self, node, rank, axis):
+        """(absorbing node, bias exact) at the end of every path from `node`, or None."""
+        layer = node.operation
+        if len(node.input_tensors) != 1 or node.arguments.kwargs.get("training"):
+            return None
+        if _can_absorb(layer, rank, axis):
+            return [(node, _bias_is_exact(layer))] if self.graph.num_calls(layer) == 1 else None
+        kind = _TRANSPARENT.get(type(layer))
+        if kind is None or not _format_agrees(layer, rank, axis):
+            return None
+        out_rank = len(node.outputs[0].shape)
+        out_axis = axis if out_rank == rank else out_rank - 1
+        consumers = self.graph.consumers_of(node.outputs[0])
+        if not consumers:
+            return None
+        leaves = []
+        for consumer in consumers:
+            sub = self._leaves(consumer, out_rank, out_axis)
+            if sub is None:
+                return None
+            leaves += [(target, exact and kind == "both") for target, exact in sub]
+        return leaves
+
+    # -- the absorbing layer ---------------------------------------------------------------
+    def _absorb(self, node, args, kwargs, rewriter):
+        layer = node.operation
+        scale, shift = self.targets[id(node)]
+        # A bias only where the shift goes: a scale-only fold keeps a bias-free layer so.
+        use_bias = layer.use_bias or shift is not None
+        new = type(layer).from_config({**layer.get_config(), "use_bias": use_bias})
+        outputs = new(*args, **kwargs)
+        kernel, bias = _fold_weights(layer, scale, shift)
+        new.kernel.assign(kernel.astype(new.kernel.dtype))
+        if use_bias:
+            new.bias.assign(bias.astype(new.bias.dtype))
+        return outputs
+
+
+def _is_proxy_layer(layer):
+    return isinstance(layer, NormActBase) and layer.proxy_norm
+
+
+class _CopyOnFirstCall:
+    """Calls `new`; after its first call (which builds it), copies weights into it."""
+
+    def __init__(self, new, values):
+        self.layer, self._values = new, values
+
+    def __call__(self, x):
+        y = self.layer(x)
+        for name, value in self._values.items():
+            weight = getattr(self.layer, name)
+            weight.assign(np.asarray(value).astype(weight.dtype))
+        self._values = {}
+        return y
+
+
+def _without_proxy(layer, offset=None):
+    """The layer's norm + affine + activation without the proxy step, same gamma/beta.
+
+    With `offset`, a `ShiftedGroupNormAct` that also adds it to the output.
+    """
+    if offset is not None:
+        config_ = {**layer.get_config(), "proxy_norm": False, "groups": layer.groups}
+        new = ShiftedGroupNormAct.from_config(config_)
+        pairs = (("gamma", layer.gamma), ("beta", layer.beta), ("offset", offset))
+    elif isinstance(layer, ProxyNormAct):
+        new = ChannelAffine(axis=layer.axis, use_scale=layer.scale, use_offset=layer.center,
+                            activation=layer.activation, name=layer.name,
+                            dtype=layer.dtype_policy)
+        pairs = (("scale", layer.gamma), ("offset", layer.beta))
+    else:
+        new = type(layer).from_config({**layer.get_config(), "proxy_norm": False})
+        pairs = (("gamma", layer.gamma), ("beta", layer.beta))
+    return _CopyOnFirstCall(new, {k: np.asarray(v) for k, v in pairs if v is not None})
+
+
+def _affine_layer(layer, scale, offset, suffix):
+    """A `ChannelAffine` with the given per-channel scale/offset (None: not used)."""
+    new = ChannelAffine(axis=layer.axis, use_scale=scale is not None,
+                        use_offset=offset is not None, name=f"{layer.name}_{suffix}",
+                        dtype=layer.dtype_policy)
+    return _CopyOnFirstCall(new, {k: v for k, v in (("scale", scale), ("offset", offset))
+                                  if v is not None})
+
+
+def fold_for_inference(model, *, return_report=False):
+    """Returns an inference model with Proxy Normalization's output affine folded away.
+
+    Every layer with `proxy_norm=True` (`GroupNormAct`, `LayerNormAct`, `InstanceNormAct`,
+    `ProxyNormAct`) is replaced by the same norm + affine + activation without the proxy
+    step (same `gamma`, `beta`; a `ChannelAffine` for `ProxyNormAct`). Its output affine
+    `a * z + b`, `a = (v + eps)^-1/2`, `b = -m a`, is then:
+
+    - folded into the next `Conv1D/2D/3D` (groups=1), `DepthwiseConv1D/2D` or `Dense`
+      when every consumer leads to such a layer, called once, through only layers that
+      commute with it (dropout/noise layers, which are identities at inference, poolings,
+      crops, `Identity`, zero padding): kernel scaled per input channel by `a`, and
+      `bias += sum(kernel * b)`. The bias fold is exact only when no zero padding
+      lies between (a "valid" or 1x1 conv, a Dense, no `ZeroPadding` layer): a padded
+      border sees 0 where the original model sees `b`. Otherwise only `a` goes into the
+      kernel (exact since `0 * a = 0`) and the shift `b / a = -m` stays in front: as the
+      output offset of the norm itself (`ShiftedGroupNormAct`, computed in the same
+      kernel) when every consumer needs it, else as a `ChannelAffine` "..._proxy_shift"
+      on the branches that need it;
+    - otherwise (model output, residual addition, concatenation, shared layers, unknown
+      layers) kept as a `ChannelAffine` "..._proxy_affine" after the layer.
+
+    Every other layer is cloned with its weights; the original model is untouched. The
+    result computes the same function as `model` at inference (training-mode dropout and
+    noise are not reproduced). Nested functional/Sequential models are folded recursively.
+
+    Args:
+        model: a functional or built Sequential `keras.Model`.
+        return_report: also return the list of `ConversionStep(old, new, action)`.
+
+    Returns:
+        The folded model, or `(model, report)`.
+
+    Raises:
+        ValueError: for a subclassed model or an unbuilt Sequential model.
+
+    Example:
+
+    >>> model, _ = tfpn.convert_model(keras.applications.ResNet50V2(weights=None))
+    >>> inference_model = tfpn.fold_for_inference(model)
+    """
+    folder = _Folder()
+    folded = folder.fold(model)
+    return (folded, folder.report) if return_report else folded

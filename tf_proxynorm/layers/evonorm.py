@@ -1,0 +1,275 @@
+"""EvoNorm-B0 and EvoNorm-S0: normalization and activation found together by search.
+
+Both layers replace a BatchNorm + ReLU pair. Their nonlinearity is part of the method, so
+the `activation` argument only chooses between the EvoNorm form (the default `"evonorm"`;
+any other activation name a model builder passes, e.g. `"relu"`, also selects it) and the
+official linear form (`None` / `"linear"`: `x * gamma + beta`, which does NOT normalize,
+as `nonlinearity=False` in the official code and `apply_act=False` in timm). The official
+models use EvoNorms only in pre-activation ResNets, where every norm is followed by an
+activation.
+"""
+
+import keras
+import tensorflow as tf
+
+from tf_proxynorm.layers._base import NormActBase
+from tf_proxynorm.ops import activations
+from tf_proxynorm.ops import norm_act as norm_act_ops
+from tf_proxynorm.ops.stats import group_moments, moments, stats_dtype
+
+_register = keras.saving.register_keras_serializable(package="tf_proxynorm")
+
+EVONORM_EPSILON = 1e-5
+DEFAULT_GROUPS = 32
+
+# NormActBase arguments that have no meaning for EvoNorm (dropped from the config).
+_UNUSED = ("proxy_norm", "proxy_epsilon", "implementation") + tuple(
+    f"proxy_{w}_{kind}" for w in ("beta", "gamma")
+    for kind in ("initializer", "regularizer", "constraint"))
+
+
+def evonorm_groups(channels, groups=DEFAULT_GROUPS):
+    """The official rule: lower `groups` until it divides `channels` (32 -> 24 for C=48)."""
+    return next(g for g in range(groups, 0, -1) if channels % g == 0)
+
+
+def _is_nonlinear(activation):
+    if isinstance(activation, str) and activation.lower() == "evonorm":
+        return True
+    name, _ = activations.get(activation)  # raises a ValueError naming an unknown activation
+    return name != "identity"
+
+
+class _EvoNorm(NormActBase):
+    """Arguments, weights (gamma, beta, v) and config shared by EvoNorm-B0 and -S0."""
+
+    _min_rank = 2
+
+    def __init__(self, activation="evonorm", axis=-1, epsilon=EVONORM_EPSILON,
+                 v_initializer="ones", v_regularizer=None, v_constraint=None, **kwargs):
+        if kwargs.get("proxy_norm"):
+            raise ValueError(f"{type(self).__name__} does not support proxy normalization. "
+                             f"Received: proxy_norm={kwargs['proxy_norm']}")
+        kwargs.pop("proxy_norm", None)
+        nonlinear = _is_nonlinear(activation)
+        super().__init__(activation=None, axis=axis, epsilon=epsilon, **kwargs)
+        self.activation = activation
+        self.nonlinear = nonlinear
+        self.v_initializer = keras.initializers.get(v_initializer)
+        self.v_regularizer = keras.regularizers.get(v_regularizer)
+        self.v_constraint = keras.constraints.get(v_constraint)
+        self.v = None
+
+    def build(self, input_shape):
+        if len(input_shape) < self._min_rank:
+            raise ValueError(
+                f"{type(self).__name__} expects an input of rank >= {self._min_rank} "
+                f"(batch, positions..., channels). Received: input_shape={tuple(input_shape)}")
+        super().build(input_shape)
+        axis, channels = self._channels(input_shape)
+        self._axis = axis
+        self._broadcast = [1] * len(input_shape)
+        self._broadcast[axis] = channels
+        if self.nonlinear:
+            self.v = self.add_weight(
+                name="v", shape=(channels,), initializer=self.v_initializer,
+                regularizer=self.v_regularizer, constraint=self.v_constraint,
+                trainable=True, autocast=False, dtype="float32")
+
+    def _per_channel(self, value, dtype):
+        return tf.reshape(tf.cast(value, dtype), self._broadcast)
+
+    def _normalize_act(self, inputs, training, gamma, beta, proxy_mean, proxy_inv_std):
+        x = tf.cast(inputs, stats_dtype(inputs.dtype))
+        if self.nonlinear:
+            x = self._evonorm(x, training)
+        return norm_act_ops.affine_act_proxy(x, gamma, beta, axis=self._axis, activation=None)
+
+    def get_config(self):
+        config_ = super().get_config()
+        for key in _UNUSED:
+            config_.pop(key)
+        config_.update({
+            "v_initializer": keras.initializers.serialize(self.v_initializer),
+            "v_regularizer": keras.regularizers.serialize(self.v_regularizer),
+            "v_constraint": keras.constraints.serialize(self.v_constraint),
+        })
+        return config_
+
+
+_ARGS_DOC = """
+        activation: `"evonorm"` (default) for the EvoNorm nonlinearity. Model builders
+            that pass the activation of the BN-activation pair being replaced (e.g.
+            `"relu"`) get the same EvoNorm form: the layer replaces the pair. `None` or
+            `"linear"` gives the official linear form `x * gamma + beta`, which does not
+            normalize at all.
+        axis: the channel axis{axis_note}.
+        epsilon: added to every variance. Defaults to 1e-5 (official TF code).
+        center, scale: whether the layer owns `beta` / `gamma`.
+        {{beta,gamma,v}}_initializer: ones for gamma and v, zeros for beta (the official
+            `init_zero=True` is `gamma_initializer="zeros"`).
+        {{beta,gamma,v}}_regularizer, {{beta,gamma,v}}_constraint: optional.
+        **kwargs: base layer arguments (`name`, `dtype`, `trainable`)."""
+
+
+@_register
+class EvoNormS0(_EvoNorm):
+    """EvoNorm-S0: a batch-independent normalization-activation (sample-based).
+
+    Statistics are computed per example over the positions and the channels of each of
+    `groups` contiguous channel groups, as GroupNorm, but the mean is not subtracted and
+    the activation is a learned swish gate. Training and inference compute the same
+    function.
+
+    ```python
+    out = x * sigmoid(v * x) / sqrt(var_group(x) + epsilon) * gamma + beta
+    # var_group: biased variance over (positions, channels of the group), per example
+    ```
+
+    Args:
+        groups: number of channel groups. Defaults to 32; when it does not divide the
+            channels it is lowered until it does (the official rule, so 48 channels
+            use 24 groups and 16 channels use 16). Mutually exclusive with `group_size`.
+        group_size: channels per group instead of `groups` (must divide the channels).{common}
+
+    Call arguments:
+        inputs: a tensor of rank >= 2 with channels on `axis`.
+        training: ignored (the layer is batch-independent).
+
+    Returns:
+        A tensor of the input's shape in the layer's compute dtype.
+
+    Reference:
+        - [Liu et al., 2020](https://arxiv.org/abs/2004.02967), Evolving
+          Normalization-Activation Layers.
+
+    Example:
+
+    >>> layer = EvoNormS0(groups=8)
+    >>> layer(np.random.normal(size=(2, 8, 8, 16))).shape
+    TensorShape([2, 8, 8, 16])
+    """
+
+    def __init__(self, groups=None, group_size=None, activation="evonorm", axis=-1, **kwargs):
+        super().__init__(activation=activation, axis=axis, **kwargs)
+        if groups is not None and group_size is not None:
+            raise ValueError(
+                "`groups` and `group_size` are mutually exclusive: pass only one of them "
+                f"(`groups` defaults to {DEFAULT_GROUPS} when both are None). "
+                f"Received: groups={groups}, group_size={group_size}")
+        for name, value in (("groups", groups), ("group_size", group_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive int or None. "
+                                 f"Received: {name}={value}")
+        self.groups = groups
+        self.group_size = group_size
+
+    def build(self, input_shape):
+        axis, channels = self._channels(input_shape)
+        if axis not in (1, len(input_shape) - 1):
+            raise ValueError(
+                "EvoNormS0 groups channels on the first or the last non-batch axis only. "
+                f"Received: axis={self.axis} for input_shape={tuple(input_shape)}")
+        if self.group_size is not None:
+            if channels % self.group_size:
+                raise ValueError(
+                    f"`group_size` ({self.group_size}) must divide the number of channels "
+                    f"({channels}). Received: group_size={self.group_size}, "
+                    f"input_shape={tuple(input_shape)}")
+            self._groups = channels // self.group_size
+        else:
+            self._groups = evonorm_groups(channels, self.groups or DEFAULT_GROUPS)
+        super().build(input_shape)
+
+    def _evonorm(self, x, training):
+        _, var, to_channels = group_moments(x, self._axis, self._groups)
+        gate = tf.sigmoid(self._per_channel(self.v, x.dtype) * x)
+        return x * gate * to_channels(tf.math.rsqrt(var + self.epsilon))
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "group_size": self.group_size}
+
+
+@_register
+class EvoNormB0(_EvoNorm):
+    """EvoNorm-B0: a normalization-activation that mixes batch and instance statistics.
+
+    The denominator is the larger of the per-channel batch std (a moving variance in
+    inference) and a per-example, per-channel term `v * x + instance std`. The mean is
+    never subtracted. Like Keras' `BatchNormalization`, it uses the batch statistics and
+    updates the moving variance only when `training=True` and the layer is `trainable`.
+
+    ```python
+    batch_var = var over (batch, positions) per channel    (training)
+              = moving_variance                            (inference)
+    out = x / max(sqrt(batch_var + epsilon), v * x + sqrt(var_positions(x) + epsilon))
+              * gamma + beta
+    moving_variance <- moving_variance - (moving_variance - batch_var) * (1 - momentum)
+    ```
+
+    Variances are biased. The moving variance is kept only in the EvoNorm form.
+
+    Args:
+        momentum: decay of the moving variance. Defaults to 0.9 (official).
+        moving_variance_initializer: defaults to ones.{common}
+
+    Call arguments:
+        inputs: a tensor of rank >= 3 (batch, positions..., channels).
+        training: whether to use (and update) the batch variance.
+
+    Returns:
+        A tensor of the input's shape in the layer's compute dtype.
+
+    Reference:
+        - [Liu et al., 2020](https://arxiv.org/abs/2004.02967), Evolving
+          Normalization-Activation Layers.
+
+    Example:
+
+    >>> layer = EvoNormB0()
+    >>> layer(np.random.normal(size=(2, 8, 8, 16)), training=True).shape
+    TensorShape([2, 8, 8, 16])
+    """
+
+    _min_rank = 3
+
+    def __init__(self, activation="evonorm", axis=-1, momentum=0.9,
+                 moving_variance_initializer="ones", **kwargs):
+        super().__init__(activation=activation, axis=axis, **kwargs)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1]. Received: momentum={momentum}")
+        self.momentum = float(momentum)
+        self.moving_variance_initializer = keras.initializers.get(moving_variance_initializer)
+        self.moving_variance = None
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.nonlinear:
+            self.moving_variance = self.add_weight(
+                name="moving_variance", shape=(self._broadcast[self._axis],),
+                initializer=self.moving_variance_initializer, trainable=False,
+                autocast=False, dtype="float32")
+
+    def _evonorm(self, x, training):
+        if training and self.trainable:
+            _, batch_var = norm_act_ops.batch_moments(x, self._axis)
+            moving = self.moving_variance
+            batch_var32 = tf.cast(batch_var, moving.dtype)
+            moving.assign(moving - (moving - batch_var32) * (1.0 - self.momentum))
+        else:
+            batch_var = self.moving_variance
+        positions = [a for a in range(1, x.shape.rank) if a != self._axis]
+        _, instance_var = moments(x, positions, keepdims=True)
+        left = self._per_channel(tf.sqrt(tf.cast(batch_var, x.dtype) + self.epsilon), x.dtype)
+        right = self._per_channel(self.v, x.dtype) * x + tf.sqrt(instance_var + self.epsilon)
+        return x / tf.maximum(left, right)
+
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.momentum,
+                "moving_variance_initializer": keras.initializers.serialize(
+                    self.moving_variance_initializer)}
+
+
+EvoNormS0.__doc__ = EvoNormS0.__doc__.replace("{common}", _ARGS_DOC.format(
+    axis_note=" (`-1` channels-last or `1` channels-first)"))
+EvoNormB0.__doc__ = EvoNormB0.__doc__.replace("{common}", _ARGS_DOC.format(axis_note=""))

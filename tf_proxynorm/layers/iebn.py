@@ -1,0 +1,141 @@
+"""Instance Enhancement Batch Normalization (IEBN): BatchNorm with a per-example gate."""
+
+import keras
+import tensorflow as tf
+
+from tf_proxynorm.layers.norm_act import BatchNormAct
+from tf_proxynorm.ops import norm_act as norm_act_ops
+from tf_proxynorm.ops.stats import channel_axis, moments
+
+IEBN_EPSILON = 1e-5
+IEBN_MOMENTUM = 0.9
+_GATE_WEIGHTS = ("gate_weight", "gate_bias")
+
+
+@keras.saving.register_keras_serializable(package="tf_proxynorm")
+class InstanceEnhancementBatchNormalization(BatchNormAct):
+    """IEBN: BatchNorm whose scale is gated per example by the input's channel means.
+
+    The BatchNorm part (no affine of its own) uses the batch statistics and updates the
+    moving averages when `training=True` and the layer is `trainable`, and the moving
+    averages otherwise, exactly as Keras' `BatchNormalization`. The gate is computed per
+    example from the mean over the positions of the RAW input (as the official code), in
+    training and inference alike. Like every norm + activation layer of this package, an
+    activation follows (ReLU by default; `activation=None` for the normalization alone).
+
+    ```python
+    x_hat = (x - mean) / sqrt(var + epsilon)        # batch or moving statistics
+    g     = mean of x over the positions            # (batch, channels)
+    a     = sigmoid(gate_weight * g + gate_bias)
+    out   = act(x_hat * gamma * a + beta)
+    ```
+
+    At initialization (`gate_weight = 0`, `gate_bias = -1`) the gate is the constant
+    `sigmoid(-1) = 0.2689414`, so the output scale starts at 0.27 rather than 1.
+
+    Args:
+        activation: activation applied after the affine. Defaults to `"relu"`.
+        axis: the channel axis.
+        momentum: momentum of the moving averages. Defaults to 0.9 (PyTorch's 0.1).
+        epsilon: added to the variance. Defaults to 1e-5.
+        center, scale: whether the layer owns `beta` / `gamma`.
+        synchronized: compute the batch statistics across the replicas of a
+            `tf.distribute` strategy.
+        {beta,gamma,moving_mean,moving_variance}_initializer: as `BatchNormAct`.
+        gate_weight_initializer, gate_bias_initializer: zeros and -1 (a number is a
+            constant initializer).
+        {beta,gamma,gate_weight,gate_bias}_regularizer, *_constraint: optional.
+        **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
+
+    Call arguments:
+        inputs: a tensor of rank >= 3 (batch, positions..., channels).
+        training: whether to use (and update) the batch statistics.
+
+    Returns:
+        A tensor of the input's shape in the layer's compute dtype.
+
+    Reference:
+        - [Liang et al., 2020](https://arxiv.org/abs/1908.04008), Instance Enhancement
+          Batch Normalization: an Adaptive Regulator of Batch Noise.
+
+    Example:
+
+    >>> layer = InstanceEnhancementBatchNormalization()
+    >>> layer(np.random.normal(size=(4, 8, 8, 16)), training=True).shape
+    TensorShape([4, 8, 8, 16])
+    """
+
+    def __init__(self, activation="relu", axis=-1, momentum=IEBN_MOMENTUM, epsilon=IEBN_EPSILON,
+                 gate_weight_initializer="zeros", gate_bias_initializer=-1.0,
+                 gate_weight_regularizer=None, gate_bias_regularizer=None,
+                 gate_weight_constraint=None, gate_bias_constraint=None, **kwargs):
+        super().__init__(activation=activation, axis=axis, momentum=momentum, epsilon=epsilon,
+                         **kwargs)
+        given = locals()
+        self._gate_initializers = {
+            w: keras.initializers.get(_constant(given[f"{w}_initializer"])) for w in _GATE_WEIGHTS}
+        self._gate_regularizers = {
+            w: keras.regularizers.get(given[f"{w}_regularizer"]) for w in _GATE_WEIGHTS}
+        self._gate_constraints = {
+            w: keras.constraints.get(given[f"{w}_constraint"]) for w in _GATE_WEIGHTS}
+        self.gate_weight = self.gate_bias = None
+
+    def build(self, input_shape):
+        if len(input_shape) < 3:
+            raise ValueError(
+                "InstanceEnhancementBatchNormalization pools over positions and expects an "
+                f"input of rank >= 3. Received: input_shape={tuple(input_shape)}")
+        super().build(input_shape)
+        axis, channels = self._channels(input_shape)
+        self._broadcast = [1] * len(input_shape)
+        self._broadcast[axis] = channels
+        for name in _GATE_WEIGHTS:
+            setattr(self, name, self.add_weight(
+                name=name, shape=(channels,), initializer=self._gate_initializers[name],
+                regularizer=self._gate_regularizers[name], constraint=self._gate_constraints[name],
+                trainable=True, autocast=False, dtype="float32"))
+
+    def _statistics(self, inputs, training):
+        """Batch statistics (updating the moving averages) in training, else the moving ones."""
+        if not (training and self.trainable):
+            return self.moving_mean, self.moving_variance
+        if self.synchronized:
+            rank = inputs.shape.rank
+            axes = [a for a in range(rank) if a != channel_axis(rank, self.axis)]
+            mean, var = keras.ops.moments(tf.cast(inputs, "float32"), axes, synchronized=True)
+        else:
+            mean, var = norm_act_ops.batch_moments(inputs, self.axis)
+        for moving, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
+            moving.assign(moving * self.momentum
+                          + tf.cast(batch, moving.dtype) * (1.0 - self.momentum))
+        return mean, var
+
+    def _normalize_act(self, inputs, training, gamma, beta, proxy_mean, proxy_inv_std):
+        rank = inputs.shape.rank
+        axis = channel_axis(rank, self.axis)
+        mean, var = self._statistics(inputs, training)
+        x_hat = norm_act_ops.batch_norm_act(inputs, mean, var, axis=axis, epsilon=self.epsilon,
+                                            activation=None)
+        pooled, _ = moments(inputs, [a for a in range(1, rank) if a != axis], keepdims=True)
+        per_channel = lambda w: tf.reshape(tf.cast(w, pooled.dtype), self._broadcast)  # noqa: E731
+        gate = tf.sigmoid(per_channel(self.gate_weight) * pooled + per_channel(self.gate_bias))
+        return norm_act_ops.affine_act_proxy(x_hat * tf.cast(gate, x_hat.dtype), gamma, beta,
+                                             axis=axis, activation=self._act_arg())
+
+    def get_config(self):
+        config_ = super().get_config()
+        for name in _GATE_WEIGHTS:
+            config_[f"{name}_initializer"] = keras.initializers.serialize(
+                self._gate_initializers[name])
+            config_[f"{name}_regularizer"] = keras.regularizers.serialize(
+                self._gate_regularizers[name])
+            config_[f"{name}_constraint"] = keras.constraints.serialize(
+                self._gate_constraints[name])
+        return config_
+
+
+def _constant(initializer):
+    """Numbers are accepted as constant initializers (`gate_bias_initializer=-1.0`)."""
+    if isinstance(initializer, (int, float)) and not isinstance(initializer, bool):
+        return keras.initializers.Constant(float(initializer))
+    return initializer
