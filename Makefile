@@ -7,7 +7,7 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_WORKERS ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup data build demo test test-fast bench clean info
+.PHONY: setup data build demo test test-fast bench clean info study study-plan gpu-harness-emu gpu-harness
 
 setup: $(STAMP)
 
@@ -47,6 +47,21 @@ test-fast: setup build
 
 bench: setup build
 	$(PY) benchmarks/bench_norm.py
+
+# The accuracy study of docs/results.md (about 3 h of CPU; resumable: rerun to continue).
+study: setup data build
+	$(PY) examples/compare_norms.py --data_dir $(DATA_DIR)
+
+study-plan: setup
+	$(PY) examples/compare_norms.py --dry_run
+
+# The CUDA kernel source on a CPU emulator against the float64 reference (no GPU needed),
+# and on a GPU machine: parity and ResNet-50 timings (nvcc + PyTorch or CuPy, no TensorFlow).
+gpu-harness-emu: setup
+	$(PY) custom_ops/gpu_test/run_harness.py --check --emulate --quick
+
+gpu-harness:
+	$(PYTHON) custom_ops/gpu_test/run_harness.py --check --bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

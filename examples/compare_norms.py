@@ -22,8 +22,8 @@ Protocol (every batch size gets the same one):
 - deterministic seeding: a seed sets the initialization, the data order and the
   augmentation; seeds are 0, 1, 2, ...; the group count of GN/GN+PN/GN+WS is `--groups`;
 - "cbn" needs the conv that produces its input, which pre-activation blocks do not have:
-  it runs in the post-activation (v1) CIFAR ResNet of the same depth and width, built from
-  the package's `basic_block_v1` (column `arch` of the CSV). A name ending in "@v1" (e.g.
+  it runs in the post-activation (v1) CIFAR ResNet of the same depth and width, built by
+  `cifar_resnet(version="v1")` (column `arch` of the CSV). A name ending in "@v1" (e.g.
   "bn@v1") runs any other norm in that architecture, as a control.
 
 Resuming: each finished run is appended to the CSV at once (flush + fsync). A rerun skips the
@@ -345,25 +345,6 @@ def _norm_name_and_kwargs(norm, groups):
     return name, kwargs
 
 
-def postact_cifar_resnet(depth, width, *, norm, norm_kwargs, input_shape, num_classes):
-    """The post-activation (v1) CIFAR ResNet of He et al. (2016), with the package's blocks:
-    conv-norm-act stem, stages of 16, 32, 64 x `width` channels, logits."""
-    import keras
-
-    from tf_proxynorm.models import blocks
-
-    m = blocks.LayerMaker(norm, norm_kwargs)
-    inputs = keras.Input(input_shape, name="images")
-    x = m.conv_norm_act(inputs, 16 * width, 3, name="stem_conv", norm_name="stem_norm")
-    for stage, filters in enumerate((16 * width, 32 * width, 64 * width), 1):
-        for b in range(1, (depth - 2) // 6 + 1):
-            strides = 2 if b == 1 and stage > 1 else 1
-            x = blocks.basic_block_v1(m, x, filters, strides, name=f"stage{stage}_block{b}")
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    outputs = keras.layers.Dense(num_classes, name="predictions")(x)
-    return keras.Model(inputs, outputs, name=f"cifar_resnet{depth}_v1")
-
-
 def _train_lib():
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
@@ -395,9 +376,12 @@ def build_model(args, norm, batch_size, info):
     cfg = _train_config(args, norm, batch_size)
     if _arch(norm) == "v2":
         return train.build_model(cfg, info), cfg
-    backbone = postact_cifar_resnet(args.depth, args.width, norm=cfg.norm,
-                                    norm_kwargs=json.loads(cfg.norm_kwargs),
-                                    input_shape=info.image_shape, num_classes=info.num_classes)
+    from tf_proxynorm.models import cifar_resnet
+
+    backbone = cifar_resnet(args.depth, args.width, version="v1", norm=cfg.norm,
+                            norm_kwargs=json.loads(cfg.norm_kwargs),
+                            input_shape=info.image_shape, num_classes=info.num_classes,
+                            classifier_activation=None, name=f"cifar_resnet{args.depth}_v1")
     inputs = keras.Input(info.image_shape, name="pixels")
     x = keras.layers.Normalization(mean=list(info.mean), variance=[s * s for s in info.std],
                                    name="standardize")(inputs)

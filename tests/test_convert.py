@@ -208,7 +208,8 @@ def _train_step(model, rng, shape):
 
 
 APPLICATIONS = {
-    "ResNet50": (lambda: keras.applications.ResNet50, lambda l: l.name.endswith(("_0_bn", "_3_bn"))),
+    "ResNet50": (lambda: keras.applications.ResNet50,
+                 lambda l: l.name.endswith(("_0_bn", "_3_bn"))),
     "ResNet50V2": (lambda: keras.applications.ResNet50V2, lambda l: False),
     "MobileNetV2": (lambda: keras.applications.MobileNetV2, lambda l: "project_BN" in l.name),
     "EfficientNetB0": (lambda: keras.applications.EfficientNetB0, lambda l: "project_bn" in l.name),

@@ -203,6 +203,7 @@ def test_loads_in_a_process_without_tf_proxynorm(rng, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
 @pytest.mark.parametrize("activations", [("relu", "silu"), ("gelu", "leaky_relu")])
 def test_tflite_conversion_and_run(rng, tmp_path, activations):
     model = _model(rng, activations)

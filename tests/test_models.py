@@ -382,3 +382,20 @@ def test_groupnorm_default_groups_divide_every_width(norm):
                                         input_shape=(28, 28, 1))
     assert {layer.groups for layer in explicit.layers
             if isinstance(layer, tfpn.GroupNormAct)} == {4}
+
+
+def test_cifar_resnet_v1_is_post_activation_and_takes_cbn():
+    """v1: conv-norm-act stem, blocks ending in a norm before the addition, no final norm;
+    parameter count of the BN version from the layout: convs + BN (gamma, beta, 2 moving)
+    + classifier."""
+    model = M.cifar_resnet(8, version="v1", norm="bn", input_shape=(28, 28, 1))
+    names = [layer.name for layer in model.layers]
+    assert "stem_norm" in names and "final_norm" not in names
+    convs = 1 * 16 * 9 + (16 * 16 * 9) * 2 + (16 * 32 * 9 + 32 * 32 * 9 + 16 * 32) + (
+        32 * 64 * 9 + 64 * 64 * 9 + 32 * 64)
+    norms = 4 * (16 + 16 * 2 + 32 * 3 + 64 * 3)
+    assert model.count_params() == convs + norms + 64 * 10 + 10
+    cbn = M.cifar_resnet(8, version="v1", norm="cbn", input_shape=(28, 28, 1))
+    assert any(isinstance(layer, tfpn.CBNConv2D) for layer in cbn.layers)
+    with pytest.raises(ValueError, match="version"):
+        M.cifar_resnet(8, version="v1.5")

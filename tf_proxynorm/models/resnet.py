@@ -145,19 +145,23 @@ def resnet(depth=50, version="v1.5", *, norm="bn", norm_kwargs=None, activation=
     return keras.Model(inputs, outputs, name=name)
 
 
-def cifar_resnet(depth=20, width=1, *, norm="bn", norm_kwargs=None, activation="relu",
-                 weight_standardization=False, include_top=True, num_classes=10,
-                 input_shape=(32, 32, 3), pooling=None, classifier_activation="softmax",
-                 data_format="channels_last", name=None):
-    """Pre-activation CIFAR ResNet (depth 6n+2) for small images, with a pluggable norm.
+def cifar_resnet(depth=20, width=1, *, version="v2", norm="bn", norm_kwargs=None,
+                 activation="relu", weight_standardization=False, include_top=True,
+                 num_classes=10, input_shape=(32, 32, 3), pooling=None,
+                 classifier_activation="softmax", data_format="channels_last", name=None):
+    """CIFAR ResNet (depth 6n+2) for small images, with a pluggable norm.
 
-    A 3x3 stem conv with `16 * width` channels, three stages of n pre-activation basic
-    blocks with `16, 32, 64` times `width` channels (strides 1, 2, 2), a final norm-act,
-    global pooling and the classifier. 28x28 (Fashion-MNIST) and 32x32 (CIFAR) inputs.
+    A 3x3 stem conv with `16 * width` channels, three stages of n basic blocks with
+    `16, 32, 64` times `width` channels (strides 1, 2, 2), global pooling and the
+    classifier. 28x28 (Fashion-MNIST) and 32x32 (CIFAR) inputs. `version="v2"`
+    (pre-activation, the default) ends with a norm-act before the pooling; `"v1"`
+    (post-activation, He et al. 2016a) has a conv-norm-act stem and blocks that end with
+    a norm before the addition, the layout norms bound to their conv (CBN) need.
 
     Args:
         depth: 6n+2: 20, 32, 44, 56, 110, ...
-        width: channel multiplier (positive int).{common}
+        width: channel multiplier (positive int).
+        version: `"v2"` (pre-activation) or `"v1"` (post-activation).{common}
 
     Returns:
         A functional `keras.Model`.
@@ -177,17 +181,24 @@ def cifar_resnet(depth=20, width=1, *, norm="bn", norm_kwargs=None, activation="
         raise ValueError(f"`depth` must be 6n+2 with n >= 1 (20, 56, 110, ...). Received: depth={depth!r}")
     if not isinstance(width, int) or width < 1:
         raise ValueError(f"`width` must be a positive int. Received: width={width!r}")
+    if version not in ("v1", "v2"):
+        raise ValueError(f"`version` must be 'v1' or 'v2'. Received: version={version!r}")
     m = blocks.LayerMaker(norm, norm_kwargs, activation, weight_standardization, data_format)
     input_shape = _validate(include_top, num_classes, pooling, input_shape, data_format)
     per_stage = (depth - 2) // 6
 
     inputs = keras.Input(input_shape, name="images")
-    x = m.conv(inputs, 16 * width, 3, name="stem_conv")
+    if version == "v1":
+        x = m.conv_norm_act(inputs, 16 * width, 3, name="stem_conv", norm_name="stem_norm")
+    else:
+        x = m.conv(inputs, 16 * width, 3, name="stem_conv")
+    block = blocks.basic_block_v1 if version == "v1" else blocks.basic_block_v2
     for stage, filters in enumerate((16 * width, 32 * width, 64 * width), 1):
         for b in range(1, per_stage + 1):
             strides = 2 if b == 1 and stage > 1 else 1
-            x = blocks.basic_block_v2(m, x, filters, strides, name=f"stage{stage}_block{b}")
-    x = m.norm_act(x, name="final_norm")
+            x = block(m, x, filters, strides, name=f"stage{stage}_block{b}")
+    if version == "v2":
+        x = m.norm_act(x, name="final_norm")
     outputs = _head(m, x, include_top, num_classes, pooling, classifier_activation)
     return keras.Model(inputs, outputs, name=name or f"cifar_resnet{depth}")
 

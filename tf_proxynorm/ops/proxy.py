@@ -60,7 +60,11 @@ def proxy_moments(gamma, beta, proxy_beta, proxy_gamma, activation="relu",
     proxy_beta, proxy_gamma = as_f32(proxy_beta, zeros), as_f32(proxy_gamma, zeros)
     _, fn = activations.get(activation)
     q = gaussian_quantiles(num_samples)[:, None]
-    u = fn(gamma * (proxy_beta + (1.0 + proxy_gamma) * q) + beta)
+    # gamma * (proxy_beta + (1 + proxy_gamma) * q) + beta as one (n, C) multiply-add of
+    # per-channel vectors: the (n, C) work dominates the cost for wide layers.
+    scale = gamma * (1.0 + proxy_gamma)
+    shift = gamma * proxy_beta + beta
+    u = fn(q * scale + shift)
     mean = tf.reduce_mean(u, axis=0)
-    var = tf.reduce_mean(tf.square(u - mean), axis=0)
+    var = tf.reduce_mean(tf.math.squared_difference(u, mean), axis=0)
     return mean, var
