@@ -9,16 +9,22 @@ import pytest
 import tf_proxynorm as tfpn
 
 
-@pytest.fixture(params=["reference", "fused"])
-def implementation(request):
-    """Runs a test once per implementation. The fused path is skipped only when the
-    library could not be built here, and fails instead in CI (CI=true), where it must build."""
-    if request.param == "fused" and not tfpn.fused_op_available():
+def require_fused():
+    """Skips the calling test when the fused op library could not be built here; fails it
+    instead in CI (CI=true), where the library must build."""
+    if not tfpn.fused_op_available():
         from tf_proxynorm import _custom_op
         message = f"fused op unavailable: {_custom_op.unavailable_reason()}"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(params=["reference", "fused"])
+def implementation(request):
+    """Runs a test once per implementation (the fused one under `require_fused`)."""
+    if request.param == "fused":
+        require_fused()
     return request.param
 
 

@@ -224,3 +224,22 @@ class CBNReference:
         else:
             ho, wo = (h - kh) // s + 1, (w - kw) // s + 1
         return R.act(activation, y).reshape(n, ho, wo, c)
+
+
+def assert_matches_finite_differences(grads, names, x, params, ref_loss, h=1e-6):
+    """Asserts `grads` (of x, then of `params[name]` for `names`) equal the central finite
+    differences of the float64 scalar `ref_loss(x, params)`."""
+    for target, grad in zip(["x"] + list(names), grads):
+        base = x if target == "x" else params[target]
+        numeric = np.zeros(base.shape)
+        for idx in np.ndindex(*base.shape):
+            hi, lo = base.copy(), base.copy()
+            hi[idx] += h
+            lo[idx] -= h
+            if target == "x":
+                numeric[idx] = (ref_loss(hi, params) - ref_loss(lo, params)) / (2 * h)
+            else:
+                numeric[idx] = (ref_loss(x, {**params, target: hi})
+                                - ref_loss(x, {**params, target: lo})) / (2 * h)
+        np.testing.assert_allclose(np.asarray(grad), numeric, atol=1e-6, rtol=1e-5,
+                                   err_msg=target)

@@ -2,7 +2,6 @@
 hypothesis fuzz of shapes, attributes and values finds no crash (every call either matches
 the float64 reference or raises InvalidArgumentError)."""
 
-import os
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference_fused as RF
-import tf_proxynorm as tfpn
+from conftest import require_fused
 from test_fused_op import TOL, assert_close, quantize
 
 C = 6
@@ -19,12 +18,7 @@ C = 6
 
 @pytest.fixture(scope="module")
 def raw():
-    if not tfpn.fused_op_available():
-        from tf_proxynorm import _custom_op
-        message = f"fused op unavailable: {_custom_op.unavailable_reason()}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    require_fused()
     from tf_proxynorm import _custom_op
     return _custom_op.raw_ops()
 

@@ -7,7 +7,6 @@ product would be thousands of cases, every pair of factors is covered in a few d
 """
 
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import tensorflow as tf
 import reference as R
 import reference_fused as RF
 import tf_proxynorm as tfpn
+from conftest import require_fused
 
 FACTORS = {
     "groups": ["1", "2", "32", "C"],
@@ -102,12 +102,7 @@ def assert_close(actual, expected, tol, what):
 @pytest.fixture(scope="module")
 def raw():
     """(forward, backward) raw op functions; the module fails in CI without the library."""
-    if not tfpn.fused_op_available():
-        from tf_proxynorm import _custom_op
-        message = f"fused op unavailable: {_custom_op.unavailable_reason()}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    require_fused()
     from tf_proxynorm import _custom_op
     return _custom_op.raw_ops()
 

@@ -160,21 +160,7 @@ def test_gradients_match_reference_finite_differences(rng, name):
         tape.watch(xt)
         loss = tf.reduce_sum(layer(xt, training=True) * r)
     grads = tape.gradient(loss, [xt] + [getattr(layer, n) for n in names])
-    h = 1e-6
-    for target, grad in zip(["x"] + names, grads):
-        base = x if target == "x" else params[target]
-        numeric = np.zeros(base.shape)
-        for idx in np.ndindex(*base.shape):
-            hi, lo = base.copy(), base.copy()
-            hi[idx] += h
-            lo[idx] -= h
-            if target == "x":
-                numeric[idx] = (ref_loss(hi, params) - ref_loss(lo, params)) / (2 * h)
-            else:
-                numeric[idx] = (ref_loss(x, {**params, target: hi})
-                                - ref_loss(x, {**params, target: lo})) / (2 * h)
-        np.testing.assert_allclose(np.asarray(grad), numeric, atol=1e-6, rtol=1e-5,
-                                   err_msg=target)
+    RO.assert_matches_finite_differences(grads, names, x, params, ref_loss)
 
 
 @pytest.mark.parametrize("name, kwargs", [("iebn", {}), ("bgn", dict(groups=2)),
