@@ -50,20 +50,21 @@ def test_default_plan_is_the_issue_s_forty_runs(tmp_path):
     counts = {}
     for norm, batch_size, _ in runs:
         counts[(norm, batch_size)] = counts.get((norm, batch_size), 0) + 1
-    # Issue 9: 3 seeds for bn, gn, gn+pn, ln+pn at both batch sizes, 1 for 8 other norms.
-    assert len(runs) == 3 * 4 * 2 + 1 * 8 * 2 == 40
+    # Issue 9: 3 seeds for bn, gn, gn+pn, ln+pn at both batch sizes, 1 for 8 other norms,
+    # plus the control "bn@v1" (BN in CBN's post-activation network).
+    assert len(runs) == 3 * 4 * 2 + 1 * 9 * 2 == 42
     assert {b for _, b in counts} == {64, 4}
     for norm in ("bn", "gn", "gn+pn", "ln+pn"):
         assert counts[(norm, 64)] == counts[(norm, 4)] == 3
-    for norm in ("ln", "in", "evonorm_s0", "evonorm_b0", "bgn", "iebn", "cbn", "gn+ws"):
+    for norm in ("ln", "in", "evonorm_s0", "evonorm_b0", "bgn", "iebn", "cbn", "bn@v1", "gn+ws"):
         assert counts[(norm, 64)] == counts[(norm, 4)] == 1
-    assert len(set(runs)) == 40
+    assert len(set(runs)) == 42
 
 
 def test_dry_run_lists_the_runs_and_an_estimate_within_budget(tmp_path, capsys):
     assert compare_norms.main([f"--out_csv={tmp_path / 'none.csv'}", "--dry_run"]) == 0
     out = capsys.readouterr().out
-    assert "40 planned runs, 0 done, 40 to run." in out
+    assert "42 planned runs, 0 done, 42 to run." in out
     assert out.count("seed 2") == 8  # the 4 multi-seed norms at 2 batch sizes
     estimate = re.search(r"Estimated CPU time: ([\d.]+) (h|min) for the whole study", out)
     hours = float(estimate.group(1)) / (1 if estimate.group(2) == "h" else 60)
