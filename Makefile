@@ -48,9 +48,11 @@ test-fast: setup build
 bench: setup build
 	$(PY) benchmarks/bench_norm.py
 
-# The accuracy study of docs/results.md (about 3 h of CPU; resumable: rerun to continue).
+# The accuracy study of docs/results.md (about 2.5 h of CPU, then 10 min of CBN ablation;
+# resumable: rerun to continue).
 study: setup data build
 	$(PY) examples/compare_norms.py --data_dir $(DATA_DIR)
+	$(PY) examples/compare_norms.py --data_dir $(DATA_DIR) --cbn_ablation
 
 study-plan: setup
 	$(PY) examples/compare_norms.py --dry_run

@@ -24,7 +24,11 @@ Protocol (every batch size gets the same one):
 - "cbn" needs the conv that produces its input, which pre-activation blocks do not have:
   it runs in the post-activation (v1) CIFAR ResNet of the same depth and width, built by
   `cifar_resnet(version="v1")` (column `arch` of the CSV). A name ending in "@v1" (e.g.
-  "bn@v1") runs any other norm in that architecture, as a control.
+  "bn@v1") runs any other norm in that architecture, as a control. CBN follows the
+  official recipe: window 4, rho 1, and plain BN for the first 2/3 of the steps (burn-in;
+  the official COCO schedule: 8 of 12 epochs), changed by `--cbn_window`, `--cbn_rho` and
+  `--cbn_burnin`. `--cbn_ablation` runs the variants of CBN_ABLATION (no burn-in, naive
+  CBN, window 1) into their own CSV, reported in a section of their own.
 
 Resuming: each finished run is appended to the CSV at once (flush + fsync). A rerun skips the
 runs whose (norm, batch_size, seed, config_hash) row exists; `config_hash` covers every flag
@@ -58,6 +62,17 @@ POSTACT_SUFFIX = "@v1"
 # Norms that take the `--groups` argument (EvoNorm-S0 picks its own: 32, lowered until it
 # divides the channels; BGN keeps its own default of 32 groups of the flattened features).
 GROUPED_NORMS = ("gn", "gn+pn", "gn+ws")
+# CBN's settings in the study: (flag, CBNConv2D argument, default). The burn-in is a
+# fraction of the run's steps.
+CBN_SETTINGS = (("cbn_window", "window_size", 4), ("cbn_rho", "rho", 1.0),
+                ("cbn_burnin", "burnin_steps", 2 / 3))
+# The CBN ablation (`--cbn_ablation`): (label, flag values, batch sizes), seed 0, in the default
+# network; each variant is its own config in CBN_ABLATION_CSV.
+CBN_ABLATION = (
+    ("no burn-in", {"cbn_burnin": 0.0}, (64, 4)),
+    ("no burn-in, rho 0 (naive CBN: plain average)", {"cbn_burnin": 0.0, "cbn_rho": 0.0}, (64,)),
+    ("window 1 (BN inside the CBN layer)", {"cbn_window": 1}, (64,)),
+)
 EVAL_BATCH_SIZE = 500
 # The protocol's version: bump it when the training code changes what a run computes.
 PROTOCOL = 1
@@ -128,6 +143,18 @@ def parse_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=5e-4,
                    help="L2 on kernels and PN's proxy parameters (never gamma/beta/biases).")
     p.add_argument("--warmup_epochs", type=float, default=0.2, help="Linear warmup, in epochs.")
+    p.add_argument("--cbn_window", type=int, default=4,
+                   help="CBN: steps pooled (current + window - 1 previous); 1 is BN.")
+    p.add_argument("--cbn_rho", type=float, default=1.0,
+                   help="CBN: Taylor compensation scale (0: naive CBN, a plain average).")
+    p.add_argument("--cbn_burnin", type=float, default=2 / 3,
+                   help="CBN: fraction of the run's steps trained as plain BN before pooling "
+                        "starts (official code: 8 of 12 epochs).")
+    p.add_argument("--cbn_ablation", action="store_true",
+                   help="Run (or with --report_only, report) the CBN ablation variants into "
+                        "--ablation_csv instead of the study.")
+    p.add_argument("--ablation_csv",
+                   default=os.path.join(ROOT, "docs", "results", "cbn_ablation.csv"))
     p.add_argument("--pad", type=int, default=2, help="Padding of the random crop (0: no "
                    "augmentation at all, neither crop nor flip).")
     p.add_argument("--dataset", default="fashion_mnist",
@@ -164,7 +191,12 @@ def _validate(args):
             factory._lookup(base)
         except ValueError as e:
             raise ValueError(f"Unknown norm in `--norms`. Received: norms={norm!r}") from e
-    for name in ("depth", "width", "groups", "epochs"):
+    if not 0 <= args.cbn_burnin < 1:
+        raise ValueError(f"`--cbn_burnin` is a fraction of the steps in [0, 1). "
+                         f"Received: cbn_burnin={args.cbn_burnin}")
+    if args.cbn_rho < 0:
+        raise ValueError(f"`--cbn_rho` must be >= 0. Received: cbn_rho={args.cbn_rho}")
+    for name in ("depth", "width", "groups", "epochs", "cbn_window"):
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"`--{name}` must be >= 1. Received: {name}={value}")
@@ -184,7 +216,11 @@ def study_config(args):
             "train_subset": args.train_subset, "test_subset": args.test_subset,
             "max_steps": args.max_steps, "base_lr": args.base_lr, "momentum": args.momentum,
             "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
-            "pad": args.pad}
+            "pad": args.pad,
+            # CBN's settings only where they differ from the defaults (configs made before
+            # they became flags keep their hash).
+            **{flag: getattr(args, flag) for flag, _, default in CBN_SETTINGS
+               if getattr(args, flag) != default}}
 
 
 def config_hash(args):
@@ -341,9 +377,13 @@ def _arch(norm):
     return "v1" if norm.endswith(POSTACT_SUFFIX) or norm in POSTACT_NORMS else "v2"
 
 
-def _norm_name_and_kwargs(norm, groups):
+def _norm_name_and_kwargs(norm, args, steps):
+    """The factory name and arguments of `norm` in a run of `steps` optimizer steps."""
     name = norm.removesuffix(POSTACT_SUFFIX)
-    kwargs = {"groups": groups} if name in GROUPED_NORMS else {}
+    kwargs = {"groups": args.groups} if name in GROUPED_NORMS else {}
+    if name == "cbn":
+        kwargs = {arg: getattr(args, flag) for flag, arg, _ in CBN_SETTINGS}
+        kwargs["burnin_steps"] = int(args.cbn_burnin * steps)
     return name, kwargs
 
 
@@ -356,11 +396,11 @@ def _train_lib():
     return train
 
 
-def _train_config(args, norm, batch_size):
+def _train_config(args, norm, batch_size, steps):
     """The fields `train.build_model` and `train.make_optimizer` read."""
     import types
 
-    name, norm_kwargs = _norm_name_and_kwargs(norm, args.groups)
+    name, norm_kwargs = _norm_name_and_kwargs(norm, args, steps)
     return types.SimpleNamespace(
         model="cifar_resnet", depth=args.depth, width=args.width, norm=name,
         norm_kwargs=json.dumps(norm_kwargs), sync_bn=False, activation="relu",
@@ -370,12 +410,12 @@ def _train_config(args, norm, batch_size):
         warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay)
 
 
-def build_model(args, norm, batch_size, info):
+def build_model(args, norm, batch_size, info, steps):
     """The network for `norm` after a fixed pixel standardization, as `train.build_model`."""
     import keras
 
     train = _train_lib()
-    cfg = _train_config(args, norm, batch_size)
+    cfg = _train_config(args, norm, batch_size, steps)
     if _arch(norm) == "v2":
         return train.build_model(cfg, info), cfg
     from tf_proxynorm.models import cifar_resnet
@@ -448,7 +488,6 @@ def train_one(args, norm, batch_size, seed, datasets):
     tf.get_logger().setLevel("ERROR")  # one model per run: retracing warnings are expected
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
-    model, cfg = build_model(args, norm, batch_size, info)
     steps_per_epoch = info.num_train // batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"`--train_subset` ({info.num_train}) is smaller than the batch size. "
@@ -456,6 +495,7 @@ def train_one(args, norm, batch_size, seed, datasets):
     epochs = args.epochs
     if args.max_steps and args.max_steps < epochs * steps_per_epoch:
         steps_per_epoch = max(args.max_steps // epochs, 1)
+    model, cfg = build_model(args, norm, batch_size, info, epochs * steps_per_epoch)
     train = _train_lib()
     optimizer = train.make_optimizer(cfg, model, steps_per_epoch)
     jit = batch_size <= args.jit_max_batch
@@ -590,13 +630,16 @@ def write_plot(args, cells):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sizes = sorted(args.batch_sizes)
     plotted = False
-    for norm in args.norms:
+    # tab10 then three more, so no two of the default study's 13 lines share a colour.
+    colors = [plt.get_cmap("tab10")(i) for i in range(10)] + ["black", "darkgoldenrod", "magenta"]
+    for index, norm in enumerate(args.norms):
         points = [(b, cells[(norm, b)]) for b in sizes if cells[(norm, b)]["n"]]
         if not points:
             continue
         key = norm in args.multi_seed_norms
         ax.errorbar([b for b, _ in points], [100 * c["mean"] for _, c in points],
                     yerr=[100 * (c["std"] or 0.0) for _, c in points], label=norm,
+                    color=colors[index % len(colors)],
                     marker="o" if key else ".", linewidth=2.0 if key else 1.0, capsize=3,
                     linestyle="-" if key else "--")
         plotted = True
@@ -607,7 +650,9 @@ def write_plot(args, cells):
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.set_xlabel("training batch size")
     ax.set_ylabel(f"{_dataset_name(args)} test accuracy (%)")
-    ax.set_title(f"Pre-activation ResNet-{args.depth} (width {args.width}), {args.epochs} epochs")
+    postact = [n for n in args.norms if _arch(n) == "v1"]
+    ax.set_title(f"Pre-activation ResNet-{args.depth} (width {args.width}), {args.epochs} epochs"
+                 + (f"\n({', '.join(postact)}: post-activation)" if postact else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -667,6 +712,7 @@ def reading(args, cells):
                 best = max(done, key=lambda nc: nc[1]["mean"])
                 lines.append(f"- Best at batch {batch_size}: {best[0]} ({_pct(best[1]['mean'])}).")
     missing = sum(c["planned"] - min(c["n"], c["planned"]) for c in cells.values())
+    made = "made so far" if missing else "made"
     gaps = [f"{norm} at batch {b} ({c['planned'] - c['n']} of {c['planned']})"
             for (norm, b), c in cells.items() if c["n"] < c["planned"]]
     solid = [ok for ok, seeded in claims if seeded]
@@ -676,10 +722,10 @@ def reading(args, cells):
         verdict = ("**Not yet run**: no comparison of LN+PN/GN+PN with BN exists yet, so the "
                    "claim is neither confirmed nor refuted here.")
     elif all(judged):
-        verdict = (f"{prefix}in every comparison made so far, LN+PN and GN+PN match (within "
+        verdict = (f"{prefix}in every comparison {made}, LN+PN and GN+PN match (within "
                    "noise) or exceed BN: the paper's claim holds in this setting.")
     else:
-        verdict = (f"{prefix}in {judged.count(False)} of {len(judged)} comparisons made so far, "
+        verdict = (f"{prefix}in {judged.count(False)} of {len(judged)} comparisons {made}, "
                    "an LN+PN/GN+PN mean falls below BN's"
                    + (" by more than the noise" if solid else "")
                    + ": the paper's claim does not fully hold in this setting.")
@@ -724,7 +770,8 @@ def _setup_lines(args):
         f"- Network: pre-activation CIFAR ResNet-{args.depth}, width {w} (channels {16 * w}, "
         f"{32 * w}, {64 * w}) from `tfpn.models.cifar_resnet`, after a fixed pixel "
         "standardization; `cbn` (and any `@v1` norm) in the post-activation ResNet of the same "
-        "size, because CBN needs the conv that produces its input. GN, GN+PN, GN+WS: "
+        f"size, because CBN needs the conv that produces its input; CBN: {_cbn_text(args)} "
+        "(the official recipe; see \"CBN ablation\"). GN, GN+PN, GN+WS: "
         f"{args.groups} groups; the other norms: their package defaults.",
         f"- Data: {_dataset_name(args)}, {train} training images, {test} test images; "
         f"augmentation: {augment}.",
@@ -790,6 +837,64 @@ def _machine_lines(args, mine):
     return lines
 
 
+def ablation_args(args, overrides, batch_sizes):
+    """The arguments of one CBN ablation variant: cbn alone, seed 0, into --ablation_csv."""
+    values = {**vars(args), **overrides, "norms": ["cbn"], "batch_sizes": list(batch_sizes),
+              "multi_seed_norms": [], "other_seeds": 1, "out_csv": args.ablation_csv,
+              "report": "", "plot": "", "cbn_ablation": False}
+    variant = argparse.Namespace(**values)
+    _validate(variant)
+    return variant
+
+
+def _cbn_text(args):
+    return (f"window {args.cbn_window}, rho {args.cbn_rho:g}, plain BN for the first "
+            f"{100 * args.cbn_burnin:.0f}% of the steps")
+
+
+def _flags(overrides):
+    return " ".join(f"--{k}={v:g}" for k, v in overrides.items())
+
+
+def _ablation_lines(args, cells):
+    """The CBN ablation table (from --ablation_csv) next to the study's own cbn and bn@v1."""
+    rows = read_rows(args.ablation_csv)
+    if not rows or "cbn" not in args.norms:
+        return []
+    sizes = list(args.batch_sizes)
+    lines = ["## CBN ablation", "",
+             "Why CBN is where it is: the same network and protocol, seed 0, one CBN setting "
+             "changed at a time (test accuracy %; train accuracy % of the last epoch in "
+             "parentheses). Window 1 checks the layer's BN path against bn@v1; no burn-in "
+             "pools stale statistics from the first step, while the weights move fastest; "
+             "rho 0 removes the Taylor compensation of the stale statistics. A low train "
+             "accuracy means the optimization suffered, not only the inference statistics.", "",
+             "| variant | " + " | ".join(f"batch {b}" for b in sizes) + " |",
+             "|---|" + "---:|" * len(sizes)]
+
+    def cell_text(found):
+        return (f"{_pct(float(found['test_accuracy']))} "
+                f"({_pct(float(found['train_accuracy']))})") if found else "—"
+
+    for label, norm in ((f"study's cbn ({_cbn_text(args)})", "cbn"),
+                        ("study's bn@v1 (BN, same network)", "bn@v1")):
+        if norm in args.norms:
+            parts = []
+            for b in sizes:
+                c = cells[(norm, b)]
+                parts.append(f"{_pct(c['mean'])}" if c["n"] else "—")
+            lines.append(f"| {label} | " + " | ".join(parts) + " |")
+    commands = []
+    for label, overrides, batch_sizes in CBN_ABLATION:
+        digest = config_hash(ablation_args(args, overrides, batch_sizes))
+        found = {int(r["batch_size"]): r for r in rows
+                 if r["config_hash"] == digest and r["norm"] == "cbn" and r["seed"] == "0"}
+        lines.append(f"| {label} (`{_flags(overrides)}`) | "
+                     + " | ".join(cell_text(found.get(b)) for b in sizes) + " |")
+    commands.append(study_command(args) + " --cbn_ablation")
+    return lines + ["", "```bash", *commands, "```", ""]
+
+
 def write_report(args):
     """Writes the markdown report (and the plot) from the CSV's rows of the current config."""
     rows = read_rows(args.out_csv)
@@ -819,6 +924,7 @@ def write_report(args):
         "error bar. Batch-dependent norms (bn, bgn, iebn, cbn, evonorm_b0) are evaluated with "
         "their moving statistics; the others compute the same function in training and "
         "inference.", ""]
+    out += _ablation_lines(args, cells)
     out += ["## Reproduce", "", "```bash",
             "# the study (resumable: rerun the same command to continue; --dry_run lists the runs)",
             study_command(args)]
@@ -836,6 +942,16 @@ def write_report(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.cbn_ablation:
+        for _, overrides, batch_sizes in CBN_ABLATION:
+            variant = ablation_args(args, overrides, batch_sizes)
+            if args.dry_run:
+                print(describe_plan(variant, read_rows(variant.out_csv)))
+            elif not args.report_only:
+                run_study(variant)
+        if args.report and not args.dry_run:
+            write_report(args)
+        return 0
     if args.dry_run:
         print(describe_plan(args, read_rows(args.out_csv)))
         return 0
