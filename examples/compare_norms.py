@@ -67,7 +67,7 @@ GROUPED_NORMS = ("gn", "gn+pn", "gn+ws")
 CBN_SETTINGS = (("cbn_window", "window_size", 4), ("cbn_rho", "rho", 1.0),
                 ("cbn_burnin", "burnin_steps", 2 / 3))
 # The CBN ablation (`--cbn_ablation`): (label, flag values, batch sizes), seed 0, in the default
-# network; each variant is its own config in CBN_ABLATION_CSV.
+# network; each variant is its own config in `--ablation_csv`.
 CBN_ABLATION = (
     ("no burn-in", {"cbn_burnin": 0.0}, (64, 4)),
     ("no burn-in, rho 0 (naive CBN: plain average)", {"cbn_burnin": 0.0, "cbn_rho": 0.0}, (64,)),
