@@ -884,15 +884,13 @@ def _ablation_lines(args, cells):
                 c = cells[(norm, b)]
                 parts.append(f"{_pct(c['mean'])}" if c["n"] else "—")
             lines.append(f"| {label} | " + " | ".join(parts) + " |")
-    commands = []
     for label, overrides, batch_sizes in CBN_ABLATION:
         digest = config_hash(ablation_args(args, overrides, batch_sizes))
         found = {int(r["batch_size"]): r for r in rows
                  if r["config_hash"] == digest and r["norm"] == "cbn" and r["seed"] == "0"}
         lines.append(f"| {label} (`{_flags(overrides)}`) | "
                      + " | ".join(cell_text(found.get(b)) for b in sizes) + " |")
-    commands.append(study_command(args) + " --cbn_ablation")
-    return lines + ["", "```bash", *commands, "```", ""]
+    return lines + ["", "```bash", study_command(args) + " --cbn_ablation", "```", ""]
 
 
 def write_report(args):

@@ -94,15 +94,30 @@ absl::Status StatusOf(tensorflow::OpKernelContext* context, int rc) {
   }
 }
 
-// The kernels' scratch memory as a temporary tensor (device memory, stream-ordered reuse by
-// TensorFlow's allocator). nullptr when no workspace is needed.
-absl::Status AllocateWorkspace(tensorflow::OpKernelContext* context, size_t bytes,
-                               tensorflow::Tensor* tensor, void** data) {
-  *data = nullptr;
-  if (bytes == 0) return absl::OkStatus();
+// What a launch needs besides its pointers: the C API's problem, TensorFlow's stream and the
+// kernels' scratch memory as a temporary tensor (device memory, stream-ordered reuse by
+// TensorFlow's allocator; `data` is nullptr when no workspace is needed).
+struct Launch {
+  tfpn_problem problem;
+  tfpn_stream_t stream = nullptr;
+  tensorflow::Tensor workspace;
+  void* data = nullptr;
+  size_t bytes = 0;
+};
+
+template <typename T>
+absl::Status PrepareLaunch(tensorflow::OpKernelContext* context, const GroupNormActAttrs& attrs,
+                           const GroupNormActShape& shape,
+                           size_t (*workspace_size)(const tfpn_problem*), Launch* launch) {
+  TF_RETURN_IF_ERROR(StatusOf(context, tfpn_cuda_check(nullptr, nullptr)));
+  TF_RETURN_IF_ERROR(GetStream(context, &launch->stream));
+  launch->problem = MakeProblem(attrs, shape, DTypeId<T>::value);
+  launch->bytes = workspace_size(&launch->problem);
+  if (launch->bytes == 0) return absl::OkStatus();
   TF_RETURN_IF_ERROR(context->allocate_temp(
-      tensorflow::DT_UINT8, tensorflow::TensorShape({static_cast<int64_t>(bytes)}), tensor));
-  *data = tensor->flat<uint8_t>().data();
+      tensorflow::DT_UINT8, tensorflow::TensorShape({static_cast<int64_t>(launch->bytes)}),
+      &launch->workspace));
+  launch->data = launch->workspace.flat<uint8_t>().data();
   return absl::OkStatus();
 }
 
@@ -114,18 +129,13 @@ struct GroupNormActForward<CudaDevice, T> {
                   const GroupNormActShape& shape, const T* x, const float* gamma,
                   const float* beta, const float* proxy_mean, const float* proxy_inv_std,
                   T* y, float* mean, float* inv_std) {
-    OP_REQUIRES_OK(context, StatusOf(context, tfpn_cuda_check(nullptr, nullptr)));
-    tfpn_stream_t stream = nullptr;
-    OP_REQUIRES_OK(context, GetStream(context, &stream));
-    const tfpn_problem problem = MakeProblem(attrs, shape, DTypeId<T>::value);
-    tensorflow::Tensor workspace;
-    void* ws = nullptr;
-    const size_t bytes = tfpn_group_norm_act_fwd_workspace_size(&problem);
-    OP_REQUIRES_OK(context, AllocateWorkspace(context, bytes, &workspace, &ws));
+    Launch l;
+    OP_REQUIRES_OK(context, PrepareLaunch<T>(context, attrs, shape,
+                                             tfpn_group_norm_act_fwd_workspace_size, &l));
     OP_REQUIRES_OK(context, StatusOf(context, tfpn_group_norm_act_fwd(
-                                                  &problem, x, gamma, beta, proxy_mean,
-                                                  proxy_inv_std, y, mean, inv_std, ws, bytes,
-                                                  stream)));
+                                                  &l.problem, x, gamma, beta, proxy_mean,
+                                                  proxy_inv_std, y, mean, inv_std, l.data,
+                                                  l.bytes, l.stream)));
   }
 };
 
@@ -136,19 +146,15 @@ struct GroupNormActBackward<CudaDevice, T> {
                   const float* beta, const float* proxy_mean, const float* proxy_inv_std,
                   const float* mean, const float* inv_std, T* dx, float* dgamma, float* dbeta,
                   float* dproxy_mean, float* dproxy_inv_std) {
-    OP_REQUIRES_OK(context, StatusOf(context, tfpn_cuda_check(nullptr, nullptr)));
-    tfpn_stream_t stream = nullptr;
-    OP_REQUIRES_OK(context, GetStream(context, &stream));
-    const tfpn_problem problem = MakeProblem(attrs, shape, DTypeId<T>::value);
-    tensorflow::Tensor workspace;
-    void* ws = nullptr;
-    const size_t bytes = tfpn_group_norm_act_bwd_workspace_size(&problem);
-    OP_REQUIRES_OK(context, AllocateWorkspace(context, bytes, &workspace, &ws));
+    Launch l;
+    OP_REQUIRES_OK(context, PrepareLaunch<T>(context, attrs, shape,
+                                             tfpn_group_norm_act_bwd_workspace_size, &l));
     OP_REQUIRES_OK(context,
                    StatusOf(context, tfpn_group_norm_act_bwd(
-                                         &problem, dy, x, gamma, beta, proxy_mean,
+                                         &l.problem, dy, x, gamma, beta, proxy_mean,
                                          proxy_inv_std, mean, inv_std, dx, dgamma, dbeta,
-                                         dproxy_mean, dproxy_inv_std, ws, bytes, stream)));
+                                         dproxy_mean, dproxy_inv_std, l.data, l.bytes,
+                                         l.stream)));
   }
 };
 
