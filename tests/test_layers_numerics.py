@@ -98,20 +98,13 @@ def test_ln_pn_output_statistics_spec_6_6(rng):
 
 
 # ---- equivalences --------------------------------------------------------------------------
-def test_groups_1_equals_layer_norm_act(rng, implementation):
+@pytest.mark.parametrize("groups, other, activation", [
+    (1, "LayerNormAct", "relu"), (64, "InstanceNormAct", "gelu")], ids=["1=LN", "C=IN"])
+def test_groups_1_and_c_equal_layer_and_instance_norm_act(rng, implementation, groups, other,
+                                                          activation):
     x = _input(rng, 4, -1)
-    kw = dict(activation="relu", proxy_norm=True, implementation=implementation)
-    a, b = tfpn.GroupNormAct(groups=1, **kw), tfpn.LayerNormAct(**kw)
-    a.build(x.shape), b.build(x.shape)
-    params = random_params(rng, 64)
-    set_params(a, params), set_params(b, params)
-    np.testing.assert_allclose(a(x).numpy(), b(x).numpy(), atol=1e-6)
-
-
-def test_groups_c_equals_instance_norm_act(rng, implementation):
-    x = _input(rng, 4, -1)
-    kw = dict(activation="gelu", proxy_norm=True, implementation=implementation)
-    a, b = tfpn.GroupNormAct(groups=64, **kw), tfpn.InstanceNormAct(**kw)
+    kw = dict(activation=activation, proxy_norm=True, implementation=implementation)
+    a, b = tfpn.GroupNormAct(groups=groups, **kw), getattr(tfpn, other)(**kw)
     a.build(x.shape), b.build(x.shape)
     params = random_params(rng, 64)
     set_params(a, params), set_params(b, params)
