@@ -28,6 +28,16 @@ def decomposition_reference(y, axis=-1):
             "scale_var": np.mean(s_xc.var(axis=0)) / scale_mean_sq if scale_mean_sq else np.nan}
 
 
+def _assert_matches_reference(got, ys):
+    """Every measured layer's decomposition against the float64 one of its reference output."""
+    for layer in got:
+        want = decomposition_reference(ys[layer["name"]])
+        for key in ("power", "constant", "instance_mean", "within", "collapse", "mean_var",
+                    "scale_var"):
+            np.testing.assert_allclose(layer[key], want[key], rtol=2e-4, atol=1e-7,
+                                       err_msg=f"{layer['name']} {key}")
+
+
 def _stream(y, splits, axis=-1):
     acc = PowerAccumulator()
     for chunk in np.split(y, splits):
@@ -126,12 +136,8 @@ def test_model_decomposition_matches_numpy(rng):
                        + ref_args[0]["ln"]["beta"]) @ ref_args[1]
     assert [g["name"] for g in got] == ["ln", "conv", "gn_pn", "in", "keras_bn", "keras_ln"]
     assert [g["kind"] for g in got] == ["norm", "conv", "norm", "norm", "norm", "norm"]
+    _assert_matches_reference(got, ys)
     for layer in got:
-        want = decomposition_reference(ys[layer["name"]])
-        for key in ("power", "constant", "instance_mean", "within", "collapse", "mean_var",
-                    "scale_var"):
-            np.testing.assert_allclose(layer[key], want[key], rtol=2e-4, atol=1e-7,
-                                       err_msg=f"{layer['name']} {key}")
         np.testing.assert_allclose(
             layer["constant"] + layer["instance_mean"] + layer["within"], layer["power"],
             rtol=1e-5)
@@ -215,12 +221,7 @@ def test_other_normalizations_match_numpy(rng):
     ys = reference(x.astype(np.float64))
     assert [g["name"] for g in got] == list(ys)
     assert all(g["kind"] == "norm" for g in got)
-    for layer in got:
-        want = decomposition_reference(ys[layer["name"]])
-        for key in ("power", "constant", "instance_mean", "within", "collapse", "mean_var",
-                    "scale_var"):
-            np.testing.assert_allclose(layer[key], want[key], rtol=2e-4, atol=1e-7,
-                                       err_msg=f"{layer['name']} {key}")
+    _assert_matches_reference(got, ys)
 
 
 class SubclassedNet(keras.Model):
