@@ -155,7 +155,9 @@ def test_instance_norm_has_no_instance_mean_variability(rng):
 
 def test_batch_norm_in_training_mode_has_no_constant_part_and_model_is_unchanged(rng):
     inputs = keras.Input((5, 5, 6))
-    h = keras.layers.Conv2D(6, 3, padding="same", name="conv")(inputs)
+    # A seeded kernel: the inference-mode offset below depends on the kernel's draw.
+    h = keras.layers.Conv2D(6, 3, padding="same", name="conv",
+                            kernel_initializer=keras.initializers.GlorotUniform(seed=0))(inputs)
     h = tfpn.get_norm_act_layer("bn", name="bn_act")(h)
     h = keras.layers.BatchNormalization(name="keras_bn")(h)
     model = keras.Model(inputs, h)
@@ -167,7 +169,7 @@ def test_batch_norm_in_training_mode_has_no_constant_part_and_model_is_unchanged
         np.testing.assert_allclose(layer["power"], 1.0, atol=0.02)
     # In inference mode at initialization (moving mean 0, variance 1) y = x: a large offset.
     inference = power_decomposition(model, x, training=False, layers=["bn_act"])
-    assert inference[0]["collapse"] > 0.5
+    assert inference[0]["collapse"] > 0.5, inference[0]["collapse"]
     for v, value in zip(model.variables, before):
         np.testing.assert_array_equal(v.numpy(), value)
 
