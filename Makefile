@@ -7,11 +7,11 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_WORKERS ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup data build demo test test-fast bench clean info study study-plan gpu-harness-emu gpu-harness
+.PHONY: setup data build demo test test-fast bench clean dist info study study-plan gpu-harness-emu gpu-harness
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.cfg
+$(STAMP): pyproject.toml setup.cfg setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,examples]"
@@ -65,5 +65,11 @@ gpu-harness-emu: setup
 gpu-harness:
 	$(PYTHON) custom_ops/gpu_test/run_harness.py --check --bench
 
+# The sdist and the wheel (both carry the op sources of custom_ops/), checked with twine.
+dist: setup
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+	$(PY) -m twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -13,8 +13,7 @@ def require_fused():
     """Skips the calling test when the fused op library could not be built here; fails it
     instead in CI (CI=true), where the library must build."""
     if not tfpn.fused_op_available():
-        from tf_proxynorm import _custom_op
-        message = f"fused op unavailable: {_custom_op.unavailable_reason()}"
+        message = f"fused op unavailable: {tfpn.fused.unavailable_reason()}"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)

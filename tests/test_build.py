@@ -23,7 +23,8 @@ from tensorflow.core.protobuf import saved_model_pb2
 import reference as R
 import reference_fused as RF
 import tf_proxynorm as tfpn
-from tf_proxynorm import _custom_op, build
+from tf_proxynorm import fused
+from tf_proxynorm.fused import build, settings
 
 TESTS = Path(__file__).resolve().parent
 OP_PREFIX = "TfProxyNorm>"
@@ -35,17 +36,18 @@ def _run_python(script, env_changes, timeout=600):
     env = {k: v for k, v in os.environ.items()
            if k not in ("TF_PROXYNORM_IMPLEMENTATION", "TF_PROXYNORM_NO_BUILD")}
     env.update({"TF_CPP_MIN_LOG_LEVEL": "2", **env_changes})
+    env = {k: v for k, v in env.items() if v is not None}  # None: unset the variable
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=str(TESTS),
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _require_library():
     if not tfpn.fused_op_available():
-        message = f"fused op unavailable: {_custom_op.unavailable_reason()}"
+        message = f"fused op unavailable: {fused.unavailable_reason()}"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    return Path(_custom_op.library_path())
+    return Path(fused.library_path())
 
 
 def _expected_layer(x, groups, axis=-1, activation="relu"):
@@ -68,7 +70,7 @@ def cache_copy(tmp_path, monkeypatch):
     library = _require_library()
     stamp = json.loads((library.parent / build.STAMP_NAME).read_text())
     config = build.BuildConfig(**stamp["config"])
-    monkeypatch.setenv(build.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.setenv(settings.ENV_CACHE_DIR, str(tmp_path / "cache"))
     # "This environment" is the one the library was built for, even if a C++ source was
     # edited since (which would select another cache key, and a build).
     monkeypatch.setattr(build, "current_config", lambda: config)
@@ -98,7 +100,7 @@ def test_mismatched_stamp_is_refused(cache_copy, field, value):
     with pytest.raises(build.BuildError, match=f"records {field}=.*refusing|refusing.*{field}"):
         build.find_library(cache_copy)
     # The lazy path neither loads nor silently rebuilds over it: one reason, no library.
-    outcome = _custom_op._try_load()
+    outcome = fused.attempt_load()
     assert outcome.module is None and f"{field}=" in outcome.reason
     assert "--force" in outcome.reason
 
@@ -108,7 +110,7 @@ def test_tampered_library_is_refused(cache_copy):
         f.write(b"\0")
     with pytest.raises(build.BuildError, match="does not match the checksum"):
         build.find_library(cache_copy)
-    outcome = _custom_op._try_load()
+    outcome = fused.attempt_load()
     assert outcome.module is None and "checksum" in outcome.reason
 
 
@@ -133,15 +135,15 @@ def test_without_compiler_only_a_library_matching_everything_else_is_used(cache_
 
 
 def test_no_build_and_unusable_cache_give_a_reason(tmp_path, monkeypatch):
-    monkeypatch.setenv(build.ENV_CACHE_DIR, str(tmp_path / "empty"))
-    monkeypatch.setenv(build.ENV_NO_BUILD, "1")
-    outcome = _custom_op._try_load()
-    assert outcome.module is None and build.ENV_NO_BUILD in outcome.reason
+    monkeypatch.setenv(settings.ENV_CACHE_DIR, str(tmp_path / "empty"))
+    monkeypatch.setenv(settings.ENV_NO_BUILD, "1")
+    outcome = fused.attempt_load()
+    assert outcome.module is None and settings.ENV_NO_BUILD in outcome.reason
     # A cache root that is a file: the build fails on mkdir; a reason, not an exception.
     (tmp_path / "file").write_text("")
-    monkeypatch.setenv(build.ENV_CACHE_DIR, str(tmp_path / "file"))
-    monkeypatch.delenv(build.ENV_NO_BUILD)
-    outcome = _custom_op._try_load()
+    monkeypatch.setenv(settings.ENV_CACHE_DIR, str(tmp_path / "file"))
+    monkeypatch.delenv(settings.ENV_NO_BUILD)
+    outcome = fused.attempt_load()
     assert outcome.module is None
     assert str(tmp_path / "file") in outcome.reason or "compiler" in outcome.reason
 
@@ -156,8 +158,8 @@ NO_COMPILER_SCRIPT = """
         warnings.simplefilter("always")
         import tensorflow as tf
         import tf_proxynorm as tfpn
-        from tf_proxynorm import _custom_op
-        loaded_at_import = _custom_op._library is not None
+        from tf_proxynorm import fused
+        loaded_at_import = fused.load_attempted()
         at_import = len(caught)
         x = np.random.default_rng(0).standard_normal((2, 5, 5, 8)).astype("float32")
         layer = tfpn.GroupNormAct(groups=2, proxy_norm=True)
@@ -188,11 +190,27 @@ NO_COMPILER_SCRIPT = """
 """
 
 
+BAD_SETUPS = {
+    # name: (environment changes, given tmp_path; a phrase of the reason)
+    "CXX points nowhere": (lambda tmp: {"CXX": "/nonexistent/c++"}, r"no C\+\+ compiler"),
+    "no compiler on PATH": (lambda tmp: {"CXX": None, "PATH": str(tmp)}, r"no C\+\+ compiler"),
+    "unwritable cache": (lambda tmp: {settings.ENV_CACHE_DIR: str(tmp / "a-file" / "cache")},
+                         f"not writable .* Set {settings.ENV_CACHE_DIR} to a writable folder"),
+    "missing source dir": (lambda tmp: {settings.ENV_SOURCE_DIR: str(tmp / "no-such-folder")},
+                           f"sources were not found in .*no-such-folder .*{settings.ENV_SOURCE_DIR}"),
+}
+
+
 @pytest.mark.slow
-def test_no_compiler_means_one_warning_and_the_reference_path(tmp_path):
+@pytest.mark.parametrize("setup", sorted(BAD_SETUPS))
+def test_bad_setup_means_one_warning_and_the_reference_path(tmp_path, setup):
+    """Each broken set-up gives exactly one warning that says why, the reference path's
+    numbers, a clear error for implementation='fused', and an info report; no library."""
+    make_env, reason = BAD_SETUPS[setup]
+    (tmp_path / "a-file").write_text("")
     cache = tmp_path / "cache"
     out = _run_python(NO_COMPILER_SCRIPT.format(params=PARAMS),
-                      {"CXX": "/nonexistent/c++", build.ENV_CACHE_DIR: str(cache)})
+                      {settings.ENV_CACHE_DIR: str(cache), **make_env(tmp_path)})
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert not result["loaded_at_import"] and result["at_import"] == 0
@@ -200,14 +218,14 @@ def test_no_compiler_means_one_warning_and_the_reference_path(tmp_path):
     assert len(result["warnings"]) == 1, result["warnings"]
     category, message = result["warnings"][0]
     assert category == "RuntimeWarning"
-    assert "reference" in message and "no C++ compiler" in message
+    assert "reference" in message and re.search(reason, message), message
     expected = _expected_layer(np.array(result["x"]), 2)
     np.testing.assert_allclose(result["y"], expected, atol=1e-5)
     np.testing.assert_allclose(result["y_fn"], expected, atol=1e-5)
     assert "implementation='fused'" in result["fused_error"]
-    assert "no C++ compiler" in result["fused_error"]
-    assert "UNAVAILABLE" in result["info"] and "no C++ compiler" in result["info"]
-    assert not list(cache.rglob(build.LIBRARY_NAME))
+    assert re.search(reason, result["fused_error"])
+    assert "UNAVAILABLE" in result["info"] and re.search(reason, result["info"])
+    assert not list(tmp_path.rglob(build.LIBRARY_NAME))
 
 
 ONE_THREAD_SCRIPT = """
@@ -216,14 +234,14 @@ ONE_THREAD_SCRIPT = """
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(1)
     import reference_fused as RF
-    from tf_proxynorm import _custom_op
+    from tf_proxynorm import fused
     info = io.StringIO()
     with contextlib.redirect_stdout(info):
         try:
             runpy.run_module("tf_proxynorm.info", run_name="__main__")  # python -m ...
         except SystemExit as e:
             assert e.code == 0, e.code
-    forward, backward = _custom_op.raw_ops()
+    forward, backward = fused.raw_ops()
     rng = np.random.default_rng(1)
     errors = {{}}
     for shape, last in (((2, 12, 12, 64), True), ((1, 32, 20, 20), False)):
@@ -238,7 +256,7 @@ ONE_THREAD_SCRIPT = """
         ref = [RF.forward(x, *p, **attrs)[0]] + list(RF.backward(dy, x, *p, **attrs))
         errors[str(shape)] = max(float(np.max(np.abs(g.numpy() - r)) / max(1, np.max(np.abs(r))))
                                  for g, r in zip(got, ref))
-    print(json.dumps(dict(info=info.getvalue(), errors=errors, path=str(_custom_op.library_path()),
+    print(json.dumps(dict(info=info.getvalue(), errors=errors, path=str(fused.library_path()),
                           threads=tf.config.threading.get_intra_op_parallelism_threads())))
 """
 
@@ -277,20 +295,20 @@ def test_two_processes_building_at_once_both_end_with_a_working_library(tmp_path
     cache = tmp_path / "cache"
     env = {k: v for k, v in os.environ.items()
            if k not in ("TF_PROXYNORM_IMPLEMENTATION", "TF_PROXYNORM_NO_BUILD")}
-    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", build.ENV_CACHE_DIR: str(cache)})
+    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", settings.ENV_CACHE_DIR: str(cache)})
     lazy = textwrap.dedent("""
         import json
         import numpy as np
         import reference_fused as RF
         import tf_proxynorm as tfpn
-        from tf_proxynorm import _custom_op
-        assert tfpn.fused_op_available(), _custom_op.unavailable_reason()
+        from tf_proxynorm import fused
+        assert tfpn.fused_op_available(), fused.unavailable_reason()
         x = np.random.default_rng(2).standard_normal((3, 4, 4, 8)).astype("float32")
         p = [np.ones(8, np.float32)] * 4
         attrs = dict(groups=4, epsilon=1e-3, activation="relu")
-        y = _custom_op.raw_ops()[0](x, *p, **attrs)[0].numpy()
+        y = fused.raw_ops()[0](x, *p, **attrs)[0].numpy()
         err = float(np.max(np.abs(y - RF.forward(x, *p, **attrs)[0])))
-        print(json.dumps(dict(path=str(_custom_op.library_path()), err=err)))
+        print(json.dumps(dict(path=str(fused.library_path()), err=err)))
     """)
     procs = [subprocess.Popen([sys.executable, "-m", "tf_proxynorm.build"], cwd=str(TESTS),
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference_fused as RF
+import tf_proxynorm as tfpn
 from conftest import require_fused
 from test_fused_op import TOL, assert_close, quantize
 
@@ -19,8 +20,7 @@ C = 6
 @pytest.fixture(scope="module")
 def raw():
     require_fused()
-    from tf_proxynorm import _custom_op
-    return _custom_op.raw_ops()
+    return tfpn.fused.raw_ops()
 
 
 def _good():

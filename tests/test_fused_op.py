@@ -103,8 +103,7 @@ def assert_close(actual, expected, tol, what):
 def raw():
     """(forward, backward) raw op functions; the module fails in CI without the library."""
     require_fused()
-    from tf_proxynorm import _custom_op
-    return _custom_op.raw_ops()
+    return tfpn.fused.raw_ops()
 
 
 def _raw_inputs(rng, shape, dtype, offset=1.5, spread=2.0):

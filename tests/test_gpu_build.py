@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tf_proxynorm import _build_cuda, build
+from tf_proxynorm.fused import build, cuda, settings
 
 ROOT = Path(__file__).resolve().parent.parent
-NVCC = _build_cuda.find_nvcc()
+NVCC = cuda.find_nvcc()
 needs_nvcc = pytest.mark.skipif(
     NVCC is None, reason="nvcc not found: the GPU-enabled build is not tested here "
     "(install a CUDA toolkit, or see docs/gpu.md)")
@@ -31,70 +31,70 @@ def fake_toolkit(monkeypatch):
     """A toolkit and GPU that the policy sees, without running anything."""
     state = {"nvcc": "/opt/cuda/bin/nvcc", "gpu": True, "driver": 12080,
              "codes": {"50", "75", "80", "86", "89", "90"}}
-    monkeypatch.setattr(_build_cuda, "find_nvcc", lambda: state["nvcc"])
-    monkeypatch.setattr(_build_cuda, "nvcc_version", lambda nvcc: ("12.5.82", 12050))
-    monkeypatch.setattr(_build_cuda, "tensorflow_sees_gpu", lambda: state["gpu"])
-    monkeypatch.setattr(_build_cuda, "driver_version", lambda: state["driver"])
-    monkeypatch.setattr(_build_cuda, "_supported_codes", lambda nvcc: state["codes"])
-    monkeypatch.delenv(_build_cuda.ENV_ARCHS, raising=False)
+    monkeypatch.setattr(cuda, "find_nvcc", lambda: state["nvcc"])
+    monkeypatch.setattr(cuda, "nvcc_version", lambda nvcc: ("12.5.82", 12050))
+    monkeypatch.setattr(cuda, "tensorflow_sees_gpu", lambda: state["gpu"])
+    monkeypatch.setattr(cuda, "driver_version", lambda: state["driver"])
+    monkeypatch.setattr(cuda, "_supported_codes", lambda nvcc: state["codes"])
+    monkeypatch.delenv(settings.ENV_CUDA_ARCHS, raising=False)
     return state
 
 
 def test_auto_builds_gpu_kernels_only_with_nvcc_and_a_gpu(fake_toolkit, monkeypatch):
     monkeypatch.setenv("TF_PROXYNORM_BUILD_CUDA", "auto")
-    assert build._cuda_config() == {"nvcc": "/opt/cuda/bin/nvcc", "nvcc_version": "12.5.82",
+    assert cuda.cuda_config() == {"nvcc": "/opt/cuda/bin/nvcc", "nvcc_version": "12.5.82",
                                     "sass": ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90"],
                                     "ptx": "compute_90"}
     fake_toolkit["gpu"] = False
-    assert build._cuda_config() is None
+    assert cuda.cuda_config() is None
     fake_toolkit.update(gpu=True, nvcc=None)
-    assert build._cuda_config() is None
+    assert cuda.cuda_config() is None
 
 
 def test_auto_skips_a_driver_older_than_nvcc(fake_toolkit, monkeypatch):
     monkeypatch.setenv("TF_PROXYNORM_BUILD_CUDA", "auto")
     fake_toolkit["driver"] = 11080
-    assert build._cuda_config() is None
+    assert cuda.cuda_config() is None
     monkeypatch.setenv("TF_PROXYNORM_BUILD_CUDA", "1")
-    assert build._cuda_config()["nvcc_version"] == "12.5.82"
+    assert cuda.cuda_config()["nvcc_version"] == "12.5.82"
 
 
 def test_forced_builds_without_a_gpu_and_fails_clearly_without_nvcc(fake_toolkit, monkeypatch):
     monkeypatch.setenv("TF_PROXYNORM_BUILD_CUDA", "1")
     fake_toolkit["gpu"] = False
-    assert build._cuda_config()["sass"][0] == "sm_75"
+    assert cuda.cuda_config()["sass"][0] == "sm_75"
     fake_toolkit["nvcc"] = None
     with pytest.raises(build.BuildError, match=r"TF_PROXYNORM_BUILD_CUDA=1 but nvcc was not"):
-        build._cuda_config()
+        cuda.cuda_config()
 
 
 @pytest.mark.parametrize("value", ["0", "off", "false"])
 def test_disabled(fake_toolkit, monkeypatch, value):
     monkeypatch.setenv("TF_PROXYNORM_BUILD_CUDA", value)
-    assert build._cuda_config() is None
+    assert cuda.cuda_config() is None
 
 
 def test_bad_mode_is_rejected(monkeypatch):
     monkeypatch.setenv("TF_PROXYNORM_BUILD_CUDA", "sometimes")
     with pytest.raises(build.BuildError,
                        match=r"Received: TF_PROXYNORM_BUILD_CUDA='sometimes'"):
-        build._cuda_config()
+        cuda.cuda_config()
 
 
 def test_architectures(fake_toolkit, monkeypatch):
     monkeypatch.setenv("TF_PROXYNORM_BUILD_CUDA", "1")
     monkeypatch.setenv("TF_PROXYNORM_CUDA_ARCHS", "sm_90, 80")
-    config = build._cuda_config()
+    config = cuda.cuda_config()
     assert (config["sass"], config["ptx"]) == (["sm_80", "sm_90"], "compute_90")
-    assert _build_cuda.gencode_flags(["80", "90"], "90") == [
+    assert cuda.gencode_flags(["80", "90"], "90") == [
         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
         "-gencode", "arch=compute_90,code=compute_90"]
     fake_toolkit["codes"] = {"75", "80"}  # an older nvcc: unsupported targets are dropped
     monkeypatch.delenv("TF_PROXYNORM_CUDA_ARCHS")
-    assert build._cuda_config()["sass"] == ["sm_75", "sm_80"]
+    assert cuda.cuda_config()["sass"] == ["sm_75", "sm_80"]
     monkeypatch.setenv("TF_PROXYNORM_CUDA_ARCHS", "ampere")
     with pytest.raises(build.BuildError, match=r"Received: TF_PROXYNORM_CUDA_ARCHS='ampere'"):
-        build._cuda_config()
+        cuda.cuda_config()
 
 
 def test_gpu_config_is_in_the_cache_key(fake_toolkit, monkeypatch):
@@ -216,7 +216,7 @@ def test_cpu_kernels_still_correct_in_the_gpu_library(gpu_build):
 def test_stamp_records_the_cuda_build(gpu_build):
     library, stamp, _ = gpu_build
     cuda = stamp["cuda_build"]
-    version, number = _build_cuda.nvcc_version(NVCC)
+    version, number = cuda.nvcc_version(NVCC)
     assert cuda["nvcc_version"] == version and cuda["cuda_version"] == number
     assert cuda["sass"] == ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90"]
     assert cuda["ptx"] == "compute_90"

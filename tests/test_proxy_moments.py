@@ -14,6 +14,21 @@ def _moments(act, gamma=1.0, beta=0.0, pb=0.0, pg=0.0):
     return float(m[0]), float(v[0])
 
 
+def test_quantiles_equal_ndtri_to_1e12():
+    """The library computes the mid-point quantiles without scipy (standard library); they
+    equal scipy's ndtri, the spec's definition, to 1e-12."""
+    from scipy.special import ndtri
+
+    from tf_proxynorm.ops.proxy import gaussian_quantiles
+    for n in (200, 7, 1000):
+        q = gaussian_quantiles(n, dtype="float64").numpy()
+        expected = ndtri((np.arange(n, dtype=np.float64) + 0.5) / n)
+        np.testing.assert_allclose(q, expected, rtol=0, atol=1e-12)
+    q = gaussian_quantiles(dtype="float64").numpy()
+    assert q.var() == pytest.approx(0.993596, abs=5e-7)
+    assert q.max() == pytest.approx(2.807034, abs=5e-7)
+
+
 def test_quantiles_match_spec():
     q = gaussian_quantiles().numpy().astype(np.float64)
     assert q.shape == (200,)

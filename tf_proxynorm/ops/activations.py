@@ -1,18 +1,15 @@
 """Activations by name.
 
-`FUSED_ACTIVATIONS` is the subset the compiled kernels implement; its integer ids are
-shared with `custom_ops/` (keep them in sync with `custom_ops/cc/activations.h`).
-Any other Keras activation, or a callable, runs in the reference path only.
+`FUSED_ACTIVATIONS` is the subset the compiled kernels implement, name -> the kernels' id
+(defined in `tf_proxynorm.fused.abi`). Any other Keras activation, or a
+callable, runs in the reference path only.
 """
 
 import keras
 import tensorflow as tf
 
-# Slope of `leaky_relu`, as keras.activations.leaky_relu's default.
-LEAKY_RELU_SLOPE = 0.2
-
-# name -> id used by the kernels. "gelu" is the exact (erf) GELU, as keras.activations.gelu.
-FUSED_ACTIVATIONS = {"identity": 0, "relu": 1, "silu": 2, "gelu": 3, "leaky_relu": 4}
+from tf_proxynorm.fused.abi import KERNEL_ACTIVATIONS as FUSED_ACTIVATIONS
+from tf_proxynorm.fused.abi import LEAKY_RELU_SLOPE
 
 _ALIASES = {None: "identity", "linear": "identity", "identity": "identity", "swish": "silu"}
 

@@ -7,10 +7,10 @@ the `num_samples` mid-point quantiles of N(0, 1). They depend on parameters only
 """
 
 import functools
+import statistics
 
 import numpy as np
 import tensorflow as tf
-from scipy.special import ndtri
 
 from tf_proxynorm.ops import activations
 
@@ -20,7 +20,10 @@ PROXY_EPSILON = 0.03
 
 @functools.lru_cache(maxsize=8)
 def _quantiles_np(num_samples):
-    return ndtri((np.arange(num_samples, dtype=np.float64) + 0.5) / num_samples)
+    # The standard library's inverse normal CDF (Wichura's AS241, ~1e-16 relative error).
+    inv_cdf = statistics.NormalDist().inv_cdf
+    return np.array([inv_cdf((i + 0.5) / num_samples) for i in range(num_samples)],
+                    dtype=np.float64)
 
 
 def gaussian_quantiles(num_samples=NUM_PROXY_SAMPLES, dtype="float32"):

@@ -1,7 +1,8 @@
-"""The GPU step of `tf_proxynorm.build`: compiles the CUDA kernels of `custom_ops/cuda/`
-and their TensorFlow wrapper `custom_ops/cc/gpu/` into objects that the op library links.
+"""The GPU step of the build (`tf_proxynorm.fused.build`): compiles the CUDA kernels of
+`custom_ops/cuda/` and their TensorFlow wrapper `custom_ops/cc/gpu/` into objects that the
+op library links.
 
-Policy (`TF_PROXYNORM_BUILD_CUDA`, read by `cuda_config`):
+Policy (`TF_PROXYNORM_BUILD_CUDA`, parsed by `settings.cuda_mode`, applied by `cuda_config`):
     auto (default)  GPU kernels only when nvcc is found AND TensorFlow sees a GPU and, when
                     the driver is visible, it supports nvcc's CUDA major version; compiling
                     them on a machine that cannot run them would cost minutes for nothing.
@@ -16,7 +17,7 @@ not work with nvcc 13, whose front end generates code for its own `crt/` headers
 toolkit's own headers; one translation unit per .cu file, compiled in parallel with
 `--threads`; the CUDA runtime linked statically with its symbols hidden. The wrapper is
 compiled here too, so that any failure of the GPU part raises before the CPU library is
-linked and `build.py` falls back to a CPU-only library with one warning. docs/gpu.md.
+linked and the build falls back to a CPU-only library with one warning. docs/gpu.md.
 """
 
 import concurrent.futures
@@ -31,9 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ENV_MODE = "TF_PROXYNORM_BUILD_CUDA"
-ENV_ARCHS = "TF_PROXYNORM_CUDA_ARCHS"
-DEFAULT_ARCHS = ("75", "80", "86", "89", "90")
+from tf_proxynorm.fused import settings, toolchain
+from tf_proxynorm.fused.errors import BuildError
 
 _NVCC_FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
                "-Xcompiler", "-fPIC,-fvisibility=hidden"]
@@ -53,11 +53,6 @@ extern "C" int tfpn_probe() {
   return v;
 }
 """
-
-
-def _error(message):
-    from tf_proxynorm.build import BuildError  # build imports this module lazily
-    return BuildError(message)
 
 
 # -- what is installed ----------------------------------------------------------------------
@@ -80,10 +75,10 @@ def nvcc_version(nvcc):
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise _error(f"`{nvcc} --version` failed: {e}") from None
+        raise BuildError(f"`{nvcc} --version` failed: {e}") from None
     match = re.search(r"release (\d+)\.(\d+), V([\d.]+)", out)
     if not match:
-        raise _error(f"cannot read the CUDA version from `{nvcc} --version`: {out.strip()!r}")
+        raise BuildError(f"cannot read the CUDA version from `{nvcc} --version`: {out.strip()!r}")
     major, minor = int(match.group(1)), int(match.group(2))
     return match.group(3), 1000 * major + 10 * minor
 
@@ -102,20 +97,13 @@ def _supported_codes(nvcc):
 
 def target_archs(nvcc):
     """(SASS archs, PTX arch) as compute capabilities "75": the requested ones that nvcc
-    supports (TF_PROXYNORM_CUDA_ARCHS or DEFAULT_ARCHS), PTX for the newest."""
-    env = os.environ.get(ENV_ARCHS, "").strip()
-    requested = [a.strip().removeprefix("sm_") for a in re.split(r"[,; ]+", env) if a.strip()]
-    for arch in requested:
-        if not arch.isdigit():
-            raise _error(f"{ENV_ARCHS} must list compute capabilities like `75,80,90`. "
-                         f"Received: {ENV_ARCHS}={env!r}")
-    archs = sorted(set(requested or DEFAULT_ARCHS), key=int)
+    supports (TF_PROXYNORM_CUDA_ARCHS or its default), PTX for the newest."""
+    requested = settings.cuda_archs()
     supported = _supported_codes(nvcc)
-    if supported is not None:
-        archs = [a for a in archs if a in supported]
+    archs = [a for a in requested if a in supported] if supported is not None else requested
     if not archs:
-        raise _error(f"nvcc ({nvcc}) supports none of the architectures "
-                     f"{', '.join(requested or DEFAULT_ARCHS)} (set {ENV_ARCHS})")
+        raise BuildError(f"nvcc ({nvcc}) supports none of the architectures "
+                         f"{', '.join(requested)} (set {settings.ENV_CUDA_ARCHS})")
     return archs, archs[-1]
 
 
@@ -150,34 +138,22 @@ def tensorflow_sees_gpu():
         return False
 
 
-def mode():
-    """"auto", "1" or "0" from TF_PROXYNORM_BUILD_CUDA."""
-    raw = os.environ.get(ENV_MODE, "auto")
-    value = raw.strip().lower()
-    if value in ("", "auto"):
-        return "auto"
-    if value in ("1", "on", "true", "yes"):
-        return "1"
-    if value in ("0", "off", "false", "no"):
-        return "0"
-    raise _error(f"{ENV_MODE} must be auto, 1 or 0. Received: {ENV_MODE}={raw!r}")
-
-
 def cuda_config():
     """What the GPU step would build with (part of the library's cache key), or None for a
     CPU-only library, following the policy of the module docstring.
 
     Raises BuildError when TF_PROXYNORM_BUILD_CUDA=1 and nvcc is missing.
     """
-    how = mode()
+    how = settings.cuda_mode()
     if how == "0":
         return None
     nvcc = find_nvcc()
     if nvcc is None:
         if how == "1":
-            raise _error(f"{ENV_MODE}=1 but nvcc was not found on PATH, in $CUDA_HOME/bin, "
-                         "$CUDA_PATH/bin or /usr/local/cuda/bin. Install a CUDA toolkit, or "
-                         f"unset {ENV_MODE} to build the CPU kernels only")
+            raise BuildError(
+                f"{settings.ENV_BUILD_CUDA}=1 but nvcc was not found on PATH, in $CUDA_HOME/bin, "
+                "$CUDA_PATH/bin or /usr/local/cuda/bin. Install a CUDA toolkit, or unset "
+                f"{settings.ENV_BUILD_CUDA} to build the CPU kernels only")
         return None
     if how == "auto" and not tensorflow_sees_gpu():
         return None
@@ -188,7 +164,8 @@ def cuda_config():
             logging.getLogger("tf_proxynorm").warning(
                 "tf_proxynorm: not building the GPU kernels: nvcc %s needs a driver for CUDA "
                 "%d but the driver supports CUDA %d.%d (set %s=1 to build them anyway)",
-                version, number // 1000, driver // 1000, driver % 1000 // 10, ENV_MODE)
+                version, number // 1000, driver // 1000, driver % 1000 // 10,
+                settings.ENV_BUILD_CUDA)
             return None
     archs, ptx = target_archs(nvcc)
     return {"nvcc": nvcc, "nvcc_version": version, "sass": [f"sm_{a}" for a in archs],
@@ -216,7 +193,7 @@ def static_cudart(root):
     for path in candidates:
         if path.is_file():
             return path
-    raise _error(f"libcudart_static.a was not found in the CUDA toolkit at {root}")
+    raise BuildError(f"libcudart_static.a was not found in the CUDA toolkit at {root}")
 
 
 def wheel_headers():
@@ -265,39 +242,20 @@ def choose_headers(nvcc, number, arch, work_dir, log):
 
 # -- the build step -------------------------------------------------------------------------
 
-def _run(command, log):
-    start = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True)
-    elapsed = time.monotonic() - start
-    log("$ " + " ".join(command) + "\n" + (result.stdout + result.stderr).rstrip()
-        + f"\n# exit {result.returncode} in {elapsed:.1f} s")
-    if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise _error(f"`{os.path.basename(command[0])}` failed (exit {result.returncode}) "
-                     f"on {command[-1]}:\n{tail}")
-    return elapsed
-
-
-def cuda_build_step(tf_compile_flags, out_dir, log):
-    """Compiles the GPU objects into `out_dir`; returns dict(cxx_flags, cxx_sources,
-    objects, link_flags, stamp) for build.py. Raises on any failure (build.py then links a
-    CPU-only library and warns once)."""
-    from tf_proxynorm import build
-
-    config = cuda_config() if mode() != "0" else None
-    if config is None:
-        raise _error(f"no GPU build was requested ({ENV_MODE}, nvcc, GPU)")
+def cuda_build_step(config, src, tf_compile_flags, out_dir, log):
+    """Compiles the GPU objects for `config` (from `cuda_config`) from the sources in `src`
+    into `out_dir`; returns dict(objects, link_flags, stamp) for the build. Raises on any
+    failure (the build then links a CPU-only library and warns once)."""
     nvcc = config["nvcc"]
     version, number = nvcc_version(nvcc)
     archs = [a.removeprefix("sm_") for a in config["sass"]]
     ptx = config["ptx"].removeprefix("compute_")
     root = toolkit_root(nvcc)
     cudart = static_cudart(root)
-    compiler, compiler_version = build._find_compiler()
+    compiler, compiler_version = toolchain.find_compiler()
     if compiler is None:
-        raise _error("no C++ compiler for the GPU wrapper")
+        raise BuildError("no C++ compiler for the GPU wrapper")
     out = Path(out_dir)
-    src = build.source_dir()
     include_flags, headers = choose_headers(nvcc, number, archs[0], out, log)
     log(f"# CUDA headers: {headers}")
 
@@ -310,13 +268,14 @@ def cuda_build_step(tf_compile_flags, out_dir, log):
     for path in cu_files:
         jobs[path.name] = nvcc_base + ["-c", "-o", str(out / f"{path.stem}.cu.o"), str(path)]
     wrapper_obj = out / "group_norm_act_gpu_kernels.o"
-    jobs[Path(_WRAPPER).name] = ([compiler] + list(tf_compile_flags) + build._CXXFLAGS
+    jobs[Path(_WRAPPER).name] = ([compiler] + list(tf_compile_flags) + list(toolchain.CXXFLAGS)
                                  + ["-DTFPN_WITH_CUDA=1", "-c", "-o", str(wrapper_obj),
                                     str(src / _WRAPPER)])
     start = time.monotonic()
     seconds = {}
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(_run, command, log): name for name, command in jobs.items()}
+        futures = {pool.submit(toolchain.run, command, log): name
+                   for name, command in jobs.items()}
         try:
             for future in concurrent.futures.as_completed(futures):
                 seconds[futures[future]] = round(future.result(), 1)
@@ -327,9 +286,9 @@ def cuda_build_step(tf_compile_flags, out_dir, log):
 
     # The kernel core must link on its own against the static runtime (no TensorFlow).
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        _run([compiler, "-shared", "-o", str(Path(tmp) / "core_check.so")]
-             + [str(o) for o in cu_objects] + [str(cudart)] + _STATIC_LINK
-             + ["-Wl,--no-undefined"], log)
+        toolchain.run([compiler, "-shared", "-o", str(Path(tmp) / "core_check.so")]
+                      + [str(o) for o in cu_objects] + [str(cudart)] + _STATIC_LINK
+                      + ["-Wl,--no-undefined"], log)
 
     stamp = {
         "nvcc": nvcc, "nvcc_version": version, "cuda_version": number,
@@ -339,6 +298,5 @@ def cuda_build_step(tf_compile_flags, out_dir, log):
         "translation_units": sorted(jobs), "compile_seconds": seconds,
         "wall_seconds": round(time.monotonic() - start, 1),
     }
-    return {"cxx_flags": [], "cxx_sources": [],
-            "objects": [str(o) for o in cu_objects] + [str(wrapper_obj)],
+    return {"objects": [str(o) for o in cu_objects] + [str(wrapper_obj)],
             "link_flags": [str(cudart)] + _STATIC_LINK, "stamp": stamp}

@@ -1,0 +1,148 @@
+"""The one load of the op library per process: lazily, after checking its stamp.
+
+The library is loaded the first time the fused path is considered (never at
+`import tf_proxynorm`). First use builds it when none is cached (about a minute on two
+cores), unless `TF_PROXYNORM_NO_BUILD=1`. When it cannot be built or loaded (no compiler,
+missing sources, an unwritable cache, a failed build, a stale or mismatched library), one
+warning is issued per process and every call uses the reference path.
+"""
+
+import json
+import threading
+import warnings
+
+import tensorflow as tf
+
+from tf_proxynorm.fused import abi, build, settings
+from tf_proxynorm.fused.errors import BuildError
+
+
+class Library:
+    """Outcome of one load attempt: the loaded module and its op functions, or a reason."""
+
+    def __init__(self, module=None, path=None, reason=None):
+        self.module = module
+        self.path = path
+        self.reason = reason
+        self.devices = frozenset()
+        self.forward = self.backward = None
+        if module is not None:
+            self.forward = _op_function(module, abi.OP_NAME)
+            self.backward = _op_function(module, abi.GRAD_OP_NAME)
+            self.devices = frozenset(registered_kernels(abi.OP_NAME))
+
+
+_lock = threading.Lock()
+_library = None
+
+
+def _op_function(module, op_name):
+    """The Python wrapper `tf.load_op_library` generated for `op_name`
+    ("TfProxyNorm>GroupNormAct" -> `tf_proxy_norm_group_norm_act`)."""
+    namespace, name = op_name.split(">")
+    snake = lambda s: "".join("_" + c.lower() if c.isupper() else c for c in s).lstrip("_")  # noqa: E731
+    return getattr(module, f"{snake(namespace)}_{snake(name)}")
+
+
+def registered_kernels(op_name):
+    """{device type ("CPU", "GPU"): sorted dtype names} of the registered kernels of `op_name`."""
+    try:
+        from tensorflow.python.framework import kernels
+        registered = kernels.get_registered_kernels_for_op(op_name).kernel
+    except Exception:  # noqa: BLE001 - private API moved: assume the CPU kernel only
+        return {"CPU": list(abi.KERNEL_DTYPES)}
+    out = {}
+    for kernel in registered:
+        names = out.setdefault(kernel.device_type, set())
+        for constraint in kernel.constraint:
+            names.update(tf.as_dtype(t).name for t in constraint.allowed_values.list.type)
+    return {device: sorted(names) for device, names in sorted(out.items())}
+
+
+def attempt_load(allow_build=None):
+    """One load attempt, not remembered (tests call it after changing the environment).
+
+    `allow_build=None` follows TF_PROXYNORM_NO_BUILD. Never raises: returns a `Library`
+    with `module=None` and the reason when the library cannot be had.
+    """
+    try:
+        path = build.ensure_library(allow_build=allow_build)
+    except BuildError as e:
+        return Library(reason=str(e))
+    except Exception as e:  # noqa: BLE001 - an unexpected failure still means the reference path
+        return Library(reason=f"building the library failed: {type(e).__name__}: {e}")
+    try:
+        return Library(tf.load_op_library(str(path)), path=path)
+    except Exception as e:  # noqa: BLE001 - any load failure means the reference path
+        return Library(reason=f"loading {path} failed: {type(e).__name__}: {e}")
+
+
+def load(allow_build=None, warn=True):
+    """The library of this process: loads (building when allowed) on the first call, warns
+    once (when `warn`) if it is unavailable, and returns the same outcome afterwards."""
+    global _library
+    if _library is None:
+        with _lock:
+            if _library is None:
+                library = attempt_load(allow_build)
+                if library.module is None and warn:
+                    warnings.warn(
+                        "tf_proxynorm: the fused op is unavailable, so the reference "
+                        f"(pure TensorFlow) path is used. Reason: {library.reason}",
+                        RuntimeWarning, stacklevel=3)
+                _library = library
+    return _library
+
+
+def load_attempted():
+    """Whether this process has tried to load the library yet (import never does)."""
+    return _library is not None
+
+
+def fused_op_available():
+    """Whether the fused op library is loaded (builds or loads it on the first call)."""
+    return load().module is not None
+
+
+def unavailable_reason():
+    """Why the fused op library is not available, or None when it is."""
+    return load().reason
+
+
+def library_path():
+    """The path of the loaded library, or None."""
+    return load().path
+
+
+def describe(allow_build=False):
+    """What `python -m tf_proxynorm.info` reports about the library, as a dict.
+
+    Loads the library if no load was attempted yet in this process; builds it only when
+    `allow_build` (and TF_PROXYNORM_NO_BUILD is unset).
+    """
+    library = load(allow_build=None if allow_build else False, warn=False)
+    src, origin = settings.source_dir()
+    out = {"available": library.module is not None, "path": library.path,
+           "reason": library.reason, "cache_root": settings.cache_root(),
+           "sources": f"{src} ({origin})", "stamp": None, "build_log": None,
+           "failed_log": None, "kernels": {}}
+    try:
+        directory = build.current_config().directory()
+    except Exception as e:  # noqa: BLE001 - reported, never raised
+        directory = None
+        out["config_error"] = f"{type(e).__name__}: {e}"
+    if library.path is not None:
+        directory = library.path.parent
+    if directory is not None:
+        stamp, log = directory / build.STAMP_NAME, directory / build.LOG_NAME
+        out["build_log"] = log if log.is_file() else None
+        failed = build.failed_log(directory)
+        out["failed_log"] = failed if failed.is_file() else None
+        try:
+            out["stamp"] = json.loads(stamp.read_text()) if stamp.is_file() else None
+        except (OSError, ValueError) as e:
+            out["stamp"] = {"error": f"unreadable {stamp}: {e}"}
+    if library.module is not None:
+        out["kernels"] = {name: registered_kernels(name)
+                          for name in (abi.OP_NAME, abi.GRAD_OP_NAME)}
+    return out
