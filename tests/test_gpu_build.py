@@ -215,14 +215,14 @@ def test_cpu_kernels_still_correct_in_the_gpu_library(gpu_build):
 @needs_nvcc
 def test_stamp_records_the_cuda_build(gpu_build):
     library, stamp, _ = gpu_build
-    cuda = stamp["cuda_build"]
+    recorded = stamp["cuda_build"]
     version, number = cuda.nvcc_version(NVCC)
-    assert cuda["nvcc_version"] == version and cuda["cuda_version"] == number
-    assert cuda["sass"] == ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90"]
-    assert cuda["ptx"] == "compute_90"
-    assert cuda["cudart"].startswith("static")
-    assert cuda["headers"]["source"] in ("tensorflow wheel", "toolkit")
-    assert stamp["config"]["cuda"]["sass"] == cuda["sass"]
+    assert recorded["nvcc_version"] == version and recorded["cuda_version"] == number
+    assert recorded["sass"] == ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90"]
+    assert recorded["ptx"] == "compute_90"
+    assert recorded["cudart"].startswith("static")
+    assert recorded["headers"]["source"] in ("tensorflow wheel", "toolkit")
+    assert stamp["config"]["cuda"]["sass"] == recorded["sass"]
     needed = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True)
     if needed.returncode == 0:
         assert "libcudart" not in needed.stdout

@@ -26,7 +26,7 @@ sys.path.insert(0, str(HARNESS_DIR))
 import reference_np  # noqa: E402
 import run_harness  # noqa: E402
 
-from tf_proxynorm import _build_cuda  # noqa: E402
+from tf_proxynorm.fused import cuda as _build_cuda  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -31,6 +31,19 @@ constexpr float kLeakyReluSlope = 0.2f;
 constexpr const char* kActivationNames[kNumActivations] = {"identity", "relu", "silu", "gelu",
                                                            "leaky_relu"};
 
+// A new activation takes the next id, bumps kNumActivations and adds its name; the other
+// copies of the ids are checked against these: enum tfpn_activation of the CUDA kernels' C
+// API by static_asserts (custom_ops/cuda/gna_common.cuh), FUSED_ACTIVATIONS of Python by
+// tests/test_activation_ids.py.
+static_assert(kLeakyRelu + 1 == kNumActivations, "kNumActivations: one past the last id");
+
+constexpr bool AllActivationsNamed() {
+  for (int i = 0; i < kNumActivations; ++i)
+    if (kActivationNames[i] == nullptr) return false;
+  return true;
+}
+static_assert(AllActivationsNamed(), "kActivationNames: one name per id");
+
 // Returns the id of an attribute string, or -1.
 inline int ActivationFromName(const char* name) {
   for (int i = 0; i < kNumActivations; ++i) {

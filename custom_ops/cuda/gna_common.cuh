@@ -1,6 +1,9 @@
 // Shared pieces of the CUDA kernels of GroupNormAct (forward: gna_forward.cu, backward:
-// gna_backward.cu): element conversion and vector access, Welford statistics merged with
-// Chan's formula, warp/team/block reductions, the launch geometry and the runtime shim.
+// gna_backward.cu): element conversion and vector access, the activation dispatch,
+// Welford statistics merged with Chan's formula, warp/team/block reductions, the launch
+// geometry, the block roles and the elementwise pass, the kernel template of a direction
+// and its host side (kernel choice, workspace, chunked launches, argument checks, dtype
+// dispatch), and the runtime shim.
 // No TensorFlow. Compiles with nvcc, or with g++ and -DTFPN_CUDA_EMULATION against the CPU
 // emulator of custom_ops/gpu_test/cuda_emu.h (used to test this code without a GPU).
 //
@@ -37,6 +40,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <type_traits>
 
 #include "../cc/activations.h"
 #include "group_norm_act_cuda.h"
@@ -208,6 +213,40 @@ struct CudaMath {
   __host__ __device__ static float Erf(float x) { return erff(x); }
 };
 
+// The C API's ids (enum tfpn_activation, group_norm_act_cuda.h: plain C) are the C++ ones
+// (tf_proxynorm::Activation, activations.h); tests/test_activation_ids.py checks Python's.
+constexpr bool same_id(int c_id, int cc_id) { return c_id == cc_id; }
+static_assert(same_id(TFPN_ACT_IDENTITY, tf_proxynorm::kIdentity),
+              "TFPN_ACT_IDENTITY != kIdentity");
+static_assert(same_id(TFPN_ACT_RELU, tf_proxynorm::kRelu), "TFPN_ACT_RELU != kRelu");
+static_assert(same_id(TFPN_ACT_SILU, tf_proxynorm::kSilu), "TFPN_ACT_SILU != kSilu");
+static_assert(same_id(TFPN_ACT_GELU, tf_proxynorm::kGelu), "TFPN_ACT_GELU != kGelu");
+static_assert(same_id(TFPN_ACT_LEAKY_RELU, tf_proxynorm::kLeakyRelu),
+              "TFPN_ACT_LEAKY_RELU != kLeakyRelu");
+static_assert(TFPN_ACT_LEAKY_RELU + 1 == tf_proxynorm::kNumActivations,
+              "an activation of activations.h is missing from enum tfpn_activation");
+
+template <int ACT>
+using ActId = std::integral_constant<int, ACT>;
+
+// The one switch from a run-time activation id to a compile-time one: returns
+// f(ActId<act>()) (an unknown id, which validate_problem rejects, runs as identity). Used
+// by the host to pick a kernel and by the kernels' run-time-activation fallback.
+#if defined(__NVCC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename F>
+__host__ __device__ __forceinline__ decltype(auto) with_activation(int act, F&& f) {
+  static_assert(tf_proxynorm::kNumActivations == 5, "with_activation: add the new activation");
+  switch (act) {
+    case TFPN_ACT_RELU: return f(ActId<TFPN_ACT_RELU>());
+    case TFPN_ACT_SILU: return f(ActId<TFPN_ACT_SILU>());
+    case TFPN_ACT_GELU: return f(ActId<TFPN_ACT_GELU>());
+    case TFPN_ACT_LEAKY_RELU: return f(ActId<TFPN_ACT_LEAKY_RELU>());
+    default: return f(ActId<TFPN_ACT_IDENTITY>());
+  }
+}
+
 // ACT >= 0: compile-time activation (fast path); kActRuntime: switch on `act` (the scalar
 // fallback path, to halve the number of kernel instantiations).
 constexpr int kActRuntime = -1;
@@ -218,13 +257,8 @@ __device__ __forceinline__ float act_forward(float a, int act) {
   if constexpr (ACT >= 0) {
     return ActForward<ACT, CudaMath>(a);
   } else {
-    switch (act) {
-      case TFPN_ACT_RELU: return ActForward<TFPN_ACT_RELU, CudaMath>(a);
-      case TFPN_ACT_SILU: return ActForward<TFPN_ACT_SILU, CudaMath>(a);
-      case TFPN_ACT_GELU: return ActForward<TFPN_ACT_GELU, CudaMath>(a);
-      case TFPN_ACT_LEAKY_RELU: return ActForward<TFPN_ACT_LEAKY_RELU, CudaMath>(a);
-      default: return a;
-    }
+    return with_activation(
+        act, [a](auto id) { return ActForward<decltype(id)::value, CudaMath>(a); });
   }
 }
 
@@ -234,14 +268,9 @@ __device__ __forceinline__ float act_forward_grad(float a, float* deriv, int act
   if constexpr (ACT >= 0) {
     return ActForwardAndGrad<ACT, CudaMath>(a, deriv);
   } else {
-    switch (act) {
-      case TFPN_ACT_RELU: return ActForwardAndGrad<TFPN_ACT_RELU, CudaMath>(a, deriv);
-      case TFPN_ACT_SILU: return ActForwardAndGrad<TFPN_ACT_SILU, CudaMath>(a, deriv);
-      case TFPN_ACT_GELU: return ActForwardAndGrad<TFPN_ACT_GELU, CudaMath>(a, deriv);
-      case TFPN_ACT_LEAKY_RELU:
-        return ActForwardAndGrad<TFPN_ACT_LEAKY_RELU, CudaMath>(a, deriv);
-      default: *deriv = 1.0f; return a;
-    }
+    return with_activation(act, [a, deriv](auto id) {
+      return ActForwardAndGrad<decltype(id)::value, CudaMath>(a, deriv);
+    });
   }
 }
 
@@ -462,6 +491,275 @@ inline bool is_degenerate(const tfpn_problem& pr) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Kernel arguments, block roles and the kernel of a direction.
+//
+// A direction (struct Forward in gna_forward.cu, struct Backward in gna_backward.cu)
+// provides:
+//   Args<T>           its kernel arguments, derived from ArgsBase<T>
+//   Shared<V>         the shared memory of a block
+//   pass1<T, V, ACT, CL>(a, bid, shared), pass2<T, V, ACT, CL>(a, bid): the device code of
+//                     the two passes (CL: channels-last), bid the block's index in its role
+//   kTail, tail<T, V>(a, bid, shared), tail_blocks(g): a third role run by the last launch
+//                     (kTail false: none)
+//   kMinBlocksPerSm   the kernel's __launch_bounds__ occupancy
+//   kPass1Tensors     tensors of x's size read by pass 1 (for the chunk size)
+//   Part, tail_bytes(pr): the workspace (see Workspace)
+//   kWhat             the kernel's name in error messages
+
+// The fields every direction has.
+template <typename T>
+struct ArgsBase {
+  Geometry g;
+  const T* __restrict__ x;
+  const float* __restrict__ gamma;
+  const float* __restrict__ beta;
+  const float* __restrict__ proxy_mean;
+  const float* __restrict__ proxy_inv_std;
+  unsigned* counters;  // (N,) tickets, zero on entry
+  int use_proxy;
+  int act;  // activation id, used when ACT == kActRuntime
+  // Roles of the blocks of one launch: pass 1 of examples red_n0.. in [0, red_blocks),
+  // pass 2 of examples ew_n0.. in the next ew_blocks, the tail role in the tail_blocks after.
+  int64_t red_n0, red_blocks;
+  int64_t ew_n0, ew_blocks;
+  int64_t tail_blocks;
+};
+
+// A channels-last block of pass PASS: example n, split s of the positions, the thread's
+// vector of channels cv (channels [cv * V, cv * V + V): active when cv * V < C), its row ty
+// of the tile, positions [p0, p1) of the split.
+struct ClBlock {
+  int64_t n, s, cv, p0, p1;
+  int tid, ty;
+};
+
+template <int PASS, typename T>
+__device__ __forceinline__ ClBlock cl_block(const ArgsBase<T>& a, int64_t bid) {
+  const Geometry& g = a.g;
+  const int64_t per_ex = PASS == 1 ? g.red_blocks_per_ex : g.ew_blocks_per_ex;
+  const int64_t len = PASS == 1 ? g.split_len : g.ew_len;
+  ClBlock b;
+  b.n = (PASS == 1 ? a.red_n0 : a.ew_n0) + bid / per_ex;
+  const int64_t r = bid % per_ex;
+  b.s = r / g.ctiles;
+  b.tid = threadIdx.x;
+  b.ty = b.tid >> g.tx_log2;
+  b.cv = (r % g.ctiles) * g.tx + (b.tid & (g.tx - 1));
+  b.p0 = b.s * len;
+  b.p1 = (b.p0 + len < g.p) ? b.p0 + len : g.p;
+  return b;
+}
+
+// A channels-first warp item of pass PASS: example n, row (n, c), split s of the row,
+// elements [e0, e1) of the row; `valid` is false for the warps past the example's items
+// (warp-uniform).
+struct CfItem {
+  int64_t n, c, s, e0, e1;
+  int lane;
+  bool valid;
+};
+
+template <int PASS, typename T>
+__device__ __forceinline__ CfItem cf_item(const ArgsBase<T>& a, int64_t bid) {
+  const Geometry& g = a.g;
+  const int64_t per_ex = PASS == 1 ? g.red_blocks_per_ex : g.ew_blocks_per_ex;
+  const int64_t splits = PASS == 1 ? g.splits : g.ew_splits;
+  const int64_t len = PASS == 1 ? g.split_len : g.ew_len;
+  CfItem it;
+  it.n = (PASS == 1 ? a.red_n0 : a.ew_n0) + bid / per_ex;
+  const int64_t item = (bid % per_ex) * kWarps + (threadIdx.x >> 5);
+  it.lane = threadIdx.x & 31;
+  it.valid = item < g.c * splits;
+  it.c = it.s = it.e0 = it.e1 = 0;
+  if (it.valid) {
+    it.c = item / splits;
+    it.s = item % splits;
+    it.e0 = it.s * len;
+    it.e1 = (it.e0 + len < g.p) ? it.e0 + len : g.p;
+  }
+  return it;
+}
+
+// Pass-1 ticket of example n: last_block_of_example with the example's block count.
+template <typename T>
+__device__ __forceinline__ bool last_block(const ArgsBase<T>& a, int64_t n, int* s_flag) {
+  return last_block_of_example(a.counters + n, static_cast<unsigned>(a.g.red_blocks_per_ex),
+                               s_flag);
+}
+
+// v[0][i] = op(k_of(i), v[0][i], ..., v[NIN - 1][i]) for the V elements of a vector.
+template <int V, int NIN, typename KOf, typename Op>
+__device__ __forceinline__ void apply_op(const KOf& k_of, float (&v)[NIN][V], const Op& op) {
+  static_assert(NIN == 1 || NIN == 2, "one or two inputs");
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    if constexpr (NIN == 1) {
+      v[0][i] = op(k_of(i), v[0][i]);
+    } else {
+      v[0][i] = op(k_of(i), v[0][i], v[1][i]);
+    }
+  }
+}
+
+// The elementwise loop of one thread: vectors j = e, e + step, ... (j < end) at j * stride
+// from in[t] (read) and out (written), streaming cache hints; kUnroll vectors of each
+// input in flight.
+template <typename T, int V, int NIN, typename KOf, typename Op>
+__device__ __forceinline__ void elementwise_loop(const T* const (&in)[NIN], T* out, int64_t e,
+                                                 int64_t end, int64_t step, int64_t stride,
+                                                 const KOf& k_of, const Op& op) {
+  for (; e + (kUnroll - 1) * step < end; e += kUnroll * step) {
+    float v[kUnroll][NIN][V];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int t = 0; t < NIN; ++t)
+        load_vec<T, V, kCacheStream>(in[t] + (e + u * step) * stride, v[u][t]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      apply_op<V, NIN>(k_of, v[u], op);
+      store_vec<T, V, kCacheStream>(out + (e + u * step) * stride, v[u][0]);
+    }
+  }
+  for (; e < end; e += step) {
+    float v[NIN][V];
+#pragma unroll
+    for (int t = 0; t < NIN; ++t) load_vec<T, V, kCacheStream>(in[t] + e * stride, v[t]);
+    apply_op<V, NIN>(k_of, v, op);
+    store_vec<T, V, kCacheStream>(out + e * stride, v[0]);
+  }
+}
+
+// Pass 2 of one block: out = op(k, in[0][e], ..., in[NIN - 1][e]) for every element e of
+// the block, k = make_const(n, c) the constants of its example and channel; the inputs
+// and the output have x's shape. The inputs are read for the last time and the output
+// written once (streaming hints, to keep the next chunk in L2).
+// Channels-last: block = (example, tile of channels, range of positions); channels-first:
+// one warp per item (channel, range of the row).
+// Assumptions: what op reads was written by an earlier launch; V divides the contiguous
+// dimension (C or P; channels-first: also ew_len), pointers 16-byte aligned when V > 1.
+template <int CL, typename T, int V, int NIN, typename MakeConst, typename Op>
+__device__ __forceinline__ void elementwise_pass(const ArgsBase<T>& a, int64_t bid,
+                                                 const T* const (&in)[NIN], T* out,
+                                                 const MakeConst& make_const, const Op& op) {
+  const Geometry& g = a.g;
+  using K = decltype(make_const(int64_t(), int64_t()));
+  const T* src[NIN];
+  if constexpr (CL) {
+    const ClBlock b = cl_block<2>(a, bid);
+    if (b.cv * V >= g.c) return;
+    K k[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) k[i] = make_const(b.n, b.cv * V + i);
+    const int64_t off = b.n * g.p * g.c + b.cv * V;
+#pragma unroll
+    for (int t = 0; t < NIN; ++t) src[t] = in[t] + off;
+    elementwise_loop<T, V, NIN>(src, out + off, b.p0 + b.ty, b.p1, g.ty, g.c,
+                                [&](int i) -> const K& { return k[i]; }, op);
+  } else {
+    const CfItem it = cf_item<2>(a, bid);
+    if (!it.valid) return;
+    const K k = make_const(it.n, it.c);
+    const int64_t off = (it.n * g.c + it.c) * g.p;
+#pragma unroll
+    for (int t = 0; t < NIN; ++t) src[t] = in[t] + off;
+    elementwise_loop<T, V, NIN>(src, out + off, it.e0 + it.lane * V, it.e1, 32 * V, 1,
+                                [&](int) { return k; }, op);
+  }
+}
+
+// End of a channels-last pass-1 block whose thread tid holds the sums of its tile column
+// over the block's positions in s[tid * V + i]: row 0 of the tile stores them to the
+// example's partials `part`; then the ticket. True in the example's last block
+// (block-uniform: every thread calls it).
+template <int V, typename T, typename P>
+__device__ __forceinline__ bool store_partials_cl(const ArgsBase<T>& a, const ClBlock& b,
+                                                  P* part, const P* s, int* s_flag) {
+  const Geometry& g = a.g;
+  if (b.ty == 0 && b.cv * V < g.c) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) part[b.n * g.ps_n + b.s * g.ps_s + b.cv * V + i] = s[b.tid * V + i];
+  }
+  return last_block(a, b.n, s_flag);
+}
+
+// Finalization of example n, run by every thread of the example's last pass-1 block once
+// all its partials are visible: teams of threads (team_size) take the groups in turn; each
+// thread folds the (channel c, split s) partials k = l, l + team, ... of its team's group,
+// acc = fold(acc, c, s, index of the partial), starting from `zero`; then
+// acc = reduce(acc, team) over the team (called by every thread: it may synchronize the
+// block), and the team's first thread calls store(group, acc).
+template <typename Acc, typename Fold, typename Reduce, typename Store>
+__device__ __forceinline__ void finalize_groups(const Geometry& g, int64_t n, Acc zero,
+                                                Fold fold, Reduce reduce, Store store) {
+  const int64_t G = g.groups, D = g.d, S = g.splits, K = D * S;
+  const int team = team_size(G, K);
+  const int teams = kThreads / team;
+  const int t = threadIdx.x / team, l = threadIdx.x & (team - 1);
+  for (int64_t g0 = 0; g0 < G; g0 += teams) {
+    const int64_t grp = g0 + t;
+    Acc acc = zero;
+    if (grp < G) {
+      // 32-bit index math: K = D * S <= 64 C.
+      const unsigned d32 = static_cast<unsigned>(D), s32 = static_cast<unsigned>(S);
+      for (unsigned k = l; k < static_cast<unsigned>(K); k += team) {
+        int64_t dd, ss;
+        if (g.cl) {
+          dd = k % d32, ss = k / d32;
+        } else {
+          ss = k % s32, dd = k / s32;
+        }
+        const int64_t c = grp * D + dd;
+        acc = fold(acc, c, ss, n * g.ps_n + ss * g.ps_s + c * g.ps_c);
+      }
+    }
+    acc = reduce(acc, team);
+    if (grp < G && l == 0) store(grp, acc);
+  }
+}
+
+// The kernel of direction Dir: one launch runs pass 1 of a chunk of examples, pass 2 of the
+// previous chunk and, in the last launch, the tail role (see ArgsBase).
+// Assumptions: blockDim.x == kThreads, 1-D grid; see the directions' role functions.
+template <typename Dir, typename T, int V, int ACT, int CL>
+__global__ void __launch_bounds__(kThreads, Dir::kMinBlocksPerSm)
+    gna_kernel(const typename Dir::template Args<T> a) {
+  __shared__ typename Dir::template Shared<V> shared;
+  const int64_t b = blockIdx.x;
+  if (b < a.red_blocks) {
+    Dir::template pass1<T, V, ACT, CL>(a, b, shared);
+    return;
+  }
+  if constexpr (Dir::kTail) {
+    if (b >= a.red_blocks + a.ew_blocks) {
+      Dir::template tail<T, V>(a, b - a.red_blocks - a.ew_blocks, shared);
+      return;
+    }
+  }
+  Dir::template pass2<T, V, ACT, CL>(a, b - a.red_blocks);
+}
+
+template <typename Dir, typename T>
+using KernelPtr = void (*)(typename Dir::template Args<T>);
+
+// The kernel instance for a geometry and activation: the vector path with the activation
+// as a template argument, or the scalar fallback with the activation switched at run time.
+template <typename Dir, typename T, int CL>
+KernelPtr<Dir, T> pick_kernel_of_layout(const Geometry& g, int act) {
+  if (g.vec != kVec) return gna_kernel<Dir, T, 1, kActRuntime, CL>;
+  return with_activation(act, [](auto id) -> KernelPtr<Dir, T> {
+    return gna_kernel<Dir, T, kVec, decltype(id)::value, CL>;
+  });
+}
+
+template <typename Dir, typename T>
+KernelPtr<Dir, T> pick_kernel(const Geometry& g, int act) {
+  return g.cl ? pick_kernel_of_layout<Dir, T, 1>(g, act)
+              : pick_kernel_of_layout<Dir, T, 0>(g, act);
+}
+
+// ---------------------------------------------------------------------------------------
 // Host side: errors, runtime shim, chunking.
 
 // Records the calling thread's last error (gna_runtime.cu); returns `code`.
@@ -490,6 +788,141 @@ inline void launch(void (*kernel)(KArgs...), int64_t blocks, tfpn_stream_t strea
       args...);
 }
 #endif
+
+// ---------------------------------------------------------------------------------------
+// Host side of a direction: workspace, arguments, chunked launches, entry-point checks.
+
+// The workspace of a direction: (N,) tickets, the (n, split, channel) partials of type
+// Dir::Part (as many as the larger of the two vector widths need, so that the size does not
+// depend on pointer alignment), then Dir::tail_bytes(pr) bytes; each part 256-byte
+// aligned. With base == nullptr only `bytes` is set.
+struct Workspace {
+  unsigned* counters;
+  void* part;
+  void* tail;
+  size_t bytes;
+};
+
+template <typename Dir>
+Workspace workspace_layout(const tfpn_problem& pr, void* base) {
+  const size_t counters = align256(static_cast<size_t>(pr.n) * sizeof(unsigned));
+  const size_t part = align256(static_cast<size_t>(max_partials(pr, elem_bytes_of(pr.dtype))) *
+                               sizeof(typename Dir::Part));
+  Workspace w = {nullptr, nullptr, nullptr, counters + part + align256(Dir::tail_bytes(pr))};
+  if (base != nullptr) {
+    char* p = static_cast<char*>(base);
+    w.counters = reinterpret_cast<unsigned*>(p);
+    w.part = p + counters;
+    w.tail = p + counters + part;
+  }
+  return w;
+}
+
+// Bytes of the workspace of a call, 0 for an invalid or degenerate problem.
+template <typename Dir>
+size_t workspace_size(const tfpn_problem* p) {
+  if (validate_problem(p) != TFPN_OK || is_degenerate(*p)) return 0;
+  return workspace_layout<Dir>(*p, nullptr).bytes;
+}
+
+// True when every pointer is 16-byte aligned (the vector path).
+inline bool aligned16(std::initializer_list<const void*> ptrs) {
+  uintptr_t bits = 0;
+  for (const void* q : ptrs) bits |= reinterpret_cast<uintptr_t>(q);
+  return (bits & 15u) == 0;
+}
+
+// Sets the fields of ArgsBase (all but the roles) and returns the workspace layout.
+// `aligned`: x and the direction's other tensors of x's shape are 16-byte aligned.
+template <typename Dir, typename T>
+Workspace init_args(ArgsBase<T>& a, const tfpn_problem& pr, bool aligned, const void* x,
+                    const float* gamma, const float* beta, const float* proxy_mean,
+                    const float* proxy_inv_std, void* workspace) {
+  a.g = make_geometry(pr, sizeof(T), aligned);
+  a.x = static_cast<const T*>(x);
+  a.gamma = gamma, a.beta = beta, a.proxy_mean = proxy_mean, a.proxy_inv_std = proxy_inv_std;
+  const Workspace ws = workspace_layout<Dir>(pr, workspace);
+  a.counters = ws.counters;
+  a.use_proxy = pr.use_proxy;
+  a.act = pr.activation;
+  return ws;
+}
+
+// Runs direction Dir over the batch (the chunks of the top of this file): zeroes the
+// tickets, then launch k runs pass 1 of chunk k and pass 2 of chunk k - 1 (k = 0..chunks),
+// the last launch also the tail role. `a`: all fields but the roles set.
+template <typename Dir, typename T>
+int launch_chunks(typename Dir::template Args<T> a, const tfpn_problem& pr,
+                  tfpn_stream_t stream) {
+  const KernelPtr<Dir, T> kernel = pick_kernel<Dir, T>(a.g, a.act);
+  int rc = memset_async(a.counters, static_cast<size_t>(pr.n) * sizeof(unsigned), stream);
+  if (rc != TFPN_OK) return rc;
+  const int64_t chunk =
+      chunk_examples(pr, Dir::kPass1Tensors * a.g.p * a.g.c * static_cast<int64_t>(sizeof(T)));
+  const int64_t nchunks = ceil_div(pr.n, chunk);
+  for (int64_t k = 0; k <= nchunks; ++k) {
+    const int64_t red_count = k < nchunks ? (k + 1 < nchunks ? chunk : pr.n - k * chunk) : 0;
+    const int64_t ew_count = k > 0 ? (k < nchunks ? chunk : pr.n - (k - 1) * chunk) : 0;
+    a.red_n0 = k * chunk;
+    a.red_blocks = red_count * a.g.red_blocks_per_ex;
+    a.ew_n0 = (k - 1) * chunk;
+    a.ew_blocks = ew_count * a.g.ew_blocks_per_ex;
+    a.tail_blocks = 0;
+    if constexpr (Dir::kTail) a.tail_blocks = k == nchunks ? Dir::tail_blocks(a.g) : 0;
+    const int64_t blocks = a.red_blocks + a.ew_blocks + a.tail_blocks;
+    if (blocks > 0x7fffffff)
+      return set_error(TFPN_ERR_INVALID_ARGUMENT, "tensor too large (%lld blocks)",
+                       static_cast<long long>(blocks));
+    launch(kernel, blocks, stream, a);
+    rc = check_cuda(Dir::kWhat);
+    if (rc != TFPN_OK) return rc;
+  }
+  return TFPN_OK;
+}
+
+// First checks of an entry point: the problem's fields, then the device and driver.
+inline int check_call(const tfpn_problem* p) {
+  const int rc = validate_problem(p);
+  return rc != TFPN_OK ? rc : tfpn_cuda_check(nullptr, nullptr);
+}
+
+// TFPN_OK, or an error when one of `tensors` or of the parameters is NULL (the proxy ones
+// only with use_proxy).
+inline int check_tensors(const tfpn_problem& pr, std::initializer_list<const void*> tensors,
+                         const float* gamma, const float* beta, const float* proxy_mean,
+                         const float* proxy_inv_std) {
+  bool null = gamma == nullptr || beta == nullptr ||
+              (pr.use_proxy && (proxy_mean == nullptr || proxy_inv_std == nullptr));
+  for (const void* q : tensors) null = null || q == nullptr;
+  return null ? set_error(TFPN_ERR_INVALID_ARGUMENT, "NULL tensor pointer") : TFPN_OK;
+}
+
+// TFPN_OK, or TFPN_ERR_WORKSPACE when the workspace is missing, small or misaligned.
+template <typename Dir>
+int check_workspace(const tfpn_problem& pr, void* workspace, size_t workspace_bytes) {
+  const size_t need = workspace_layout<Dir>(pr, nullptr).bytes;
+  if (workspace == nullptr || workspace_bytes < need ||
+      (reinterpret_cast<uintptr_t>(workspace) & 15u) != 0)
+    return set_error(TFPN_ERR_WORKSPACE,
+                     "workspace of %zu bytes at %p: need %zu bytes, 16-byte aligned",
+                     workspace_bytes, workspace, need);
+  return TFPN_OK;
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// The one switch from enum tfpn_dtype to the element type: returns f(TypeTag<T>()).
+template <typename F>
+decltype(auto) with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case TFPN_FLOAT16: return f(TypeTag<__half>());
+    case TFPN_BFLOAT16: return f(TypeTag<__nv_bfloat16>());
+    default: return f(TypeTag<float>());
+  }
+}
 
 }  // namespace tfpn
 

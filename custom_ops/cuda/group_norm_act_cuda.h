@@ -36,7 +36,8 @@ typedef struct CUstream_st* tfpn_stream_t; /* == cudaStream_t */
 
 enum tfpn_dtype { TFPN_FLOAT32 = 0, TFPN_FLOAT16 = 1, TFPN_BFLOAT16 = 2 };
 
-/* Same ids as custom_ops/cc/activations.h and tf_proxynorm/ops/activations.py. */
+/* Same ids as custom_ops/cc/activations.h (checked by static_asserts in gna_common.cuh) and
+ * tf_proxynorm/ops/activations.py (checked by tests/test_activation_ids.py). */
 enum tfpn_activation {
   TFPN_ACT_IDENTITY = 0,
   TFPN_ACT_RELU = 1,

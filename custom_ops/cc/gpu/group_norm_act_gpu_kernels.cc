@@ -8,7 +8,7 @@
 //
 // Compiled by the host C++ compiler with TensorFlow's flags and -DTFPN_WITH_CUDA=1; it needs
 // no CUDA or Eigen-GPU header (the stream is an opaque pointer), and the op library links the
-// nvcc objects of custom_ops/cuda/ and a static cudart (tf_proxynorm/_build_cuda.py).
+// nvcc objects of custom_ops/cuda/ and a static cudart (tf_proxynorm/fused/cuda.py).
 #if TFPN_WITH_CUDA
 
 #include <cstdint>
