@@ -188,7 +188,7 @@ def _validate(args):
         base = norm[:-len(POSTACT_SUFFIX)] if norm.endswith(POSTACT_SUFFIX) else norm
         base = base[:-3] if base.endswith("+ws") else base
         try:
-            factory._lookup(base)
+            factory.lookup(base)
         except ValueError as e:
             raise ValueError(f"Unknown norm in `--norms`. Received: norms={norm!r}") from e
     if not 0 <= args.cbn_burnin < 1:

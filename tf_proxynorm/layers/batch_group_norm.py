@@ -5,9 +5,7 @@ import math
 import keras
 import tensorflow as tf
 
-from tf_proxynorm.layers._base import NormActBase
 from tf_proxynorm.layers.norm_act import BatchNormAct
-from tf_proxynorm.ops import norm_act as norm_act_ops
 from tf_proxynorm.ops.stats import moments, stats_dtype
 
 BGN_EPSILON = 1e-5
@@ -26,8 +24,8 @@ class BatchGroupNormalization(BatchNormAct):
     positions, in row-major order, into `k` contiguous chunks (for very large batches).
     As Keras' `BatchNormalization`, batch statistics are used, and the moving averages of
     the `groups` means and variances updated, only when `training=True` and the layer is
-    `trainable`. Like every norm + activation layer of this package, an activation follows
-    (ReLU by default; `activation=None` for the normalization alone).
+    `trainable` (see `moving_statistics.py`). As every `...Normalization` layer (Keras'
+    naming), no activation follows by default; the factory name `"bgn"` builds BGN + ReLU.
 
     ```python
     f = x in channel-major order, reshaped to (N, groups, C * positions / groups)
@@ -38,7 +36,7 @@ class BatchGroupNormalization(BatchNormAct):
     Args:
         groups: number of groups: a divisor of the channels, or a multiple `k * C` of
             them with `k` dividing the number of positions. Defaults to 32.
-        activation: activation applied after the affine. Defaults to `"relu"`.
+        activation: activation applied after the affine. Defaults to None.
         axis: the channel axis: `-1` (channels-last) or `1` (channels-first).
         momentum: momentum of the moving averages. Defaults to 0.9.
         epsilon: added to the variance. Defaults to 1e-5.
@@ -64,7 +62,7 @@ class BatchGroupNormalization(BatchNormAct):
     TensorShape([2, 8, 8, 16])
     """
 
-    def __init__(self, groups=32, activation="relu", axis=-1, momentum=BGN_MOMENTUM,
+    def __init__(self, groups=32, activation=None, axis=-1, momentum=BGN_MOMENTUM,
                  epsilon=BGN_EPSILON, **kwargs):
         super().__init__(activation=activation, axis=axis, momentum=momentum, epsilon=epsilon,
                          **kwargs)
@@ -96,15 +94,11 @@ class BatchGroupNormalization(BatchNormAct):
         self._axis = axis
         self._channels_last = axis == rank - 1
         self._per_channel_groups = groups <= channels
-        # gamma and beta only: the moving statistics are per group, not per channel.
-        NormActBase.build(self, input_shape)
-        self.moving_mean = self.add_weight(
-            name="moving_mean", shape=(groups,), initializer=self.moving_mean_initializer,
-            trainable=False, autocast=False, dtype="float32")
-        self.moving_variance = self.add_weight(
-            name="moving_variance", shape=(groups,),
-            initializer=self.moving_variance_initializer, trainable=False, autocast=False,
-            dtype="float32")
+        super().build(input_shape)
+
+    def _statistics_shape(self, input_shape):
+        """The moving statistics are per group, not per channel."""
+        return (self.groups,)
 
     def _group_view(self, x):
         """A reshape of `x` whose axes separate the groups, and how stats map to it.
@@ -129,25 +123,18 @@ class BatchGroupNormalization(BatchNormAct):
             tf.transpose(tf.reshape(s, [c, k])), [1, k, 1, c])
         return view, [0, 2], to_view, to_groups
 
-    def _normalize_act(self, inputs, training, gamma, beta, proxy_mean, proxy_inv_std):
+    def _normalize(self, inputs, training, update):
         x = tf.cast(inputs, stats_dtype(inputs.dtype))
         view, axes, to_view, to_groups = self._group_view(x)
-        if training and self.trainable:
-            if self.synchronized:
-                mean, var = keras.ops.moments(view, axes, synchronized=True)
-            else:
-                mean, var = moments(view, axes)
-            mean, var = to_groups(mean), to_groups(var)
-            for moving, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
-                moving.assign(moving * self.momentum
-                              + tf.cast(batch, moving.dtype) * (1.0 - self.momentum))
-        else:
-            mean, var = self.moving_mean, self.moving_variance
+
+        def batch_moments():
+            mean, var = moments(view, axes, synchronized=self.synchronized)
+            return to_groups(mean), to_groups(var)
+
+        mean, var = self.moving_statistics.select(training, batch_moments, update)
         mean, var = tf.cast(mean, x.dtype), tf.cast(var, x.dtype)
         y = (view - to_view(mean)) * to_view(tf.math.rsqrt(var + self.epsilon))
-        y = tf.reshape(y, tf.shape(x))
-        return norm_act_ops.affine_act_proxy(y, gamma, beta, axis=self._axis,
-                                             activation=self._act_arg())
+        return tf.reshape(y, tf.shape(x))
 
     def get_config(self):
         return {**super().get_config(), "groups": self.groups}

@@ -48,6 +48,8 @@ Choices
 import keras
 import tensorflow as tf
 
+from tf_proxynorm.layers._base import per_channel_options, serialize_options
+from tf_proxynorm.layers.moving_statistics import MovingStatistics
 from tf_proxynorm.ops import activations
 from tf_proxynorm.ops import norm_act as norm_act_ops
 from tf_proxynorm.ops.stats import moments, stats_dtype
@@ -172,15 +174,13 @@ class CBNConv2D(keras.layers.Conv2D):
         self.window_size = window_size
         self.rho = float(rho)
         self.burnin_steps = burnin_steps
-        self.momentum = float(momentum)
+        self.moving_statistics = MovingStatistics(self, momentum=momentum, initializers={
+            "moving_mean": moving_mean_initializer,
+            "moving_variance": moving_variance_initializer})
         self.epsilon = float(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
-        given = locals()
-        self._initializers = {w: keras.initializers.get(given[f"{w}_initializer"]) for w in
-                              ("beta", "gamma", "moving_mean", "moving_variance")}
-        self._regularizers = {w: keras.regularizers.get(given[f"{w}_regularizer"]) for w in _AFFINE}
-        self._constraints = {w: keras.constraints.get(given[f"{w}_constraint"]) for w in _AFFINE}
+        self._affine_options = per_channel_options(locals(), _AFFINE)
         self.gamma = self.beta = None
 
     def add_weight(self, *args, **kwargs):
@@ -193,17 +193,14 @@ class CBNConv2D(keras.layers.Conv2D):
         super().build(input_shape)
         state = dict(trainable=False, autocast=False)
         channels = (self.filters,)
+        initializers, regularizers, constraints = self._affine_options
         for name, on in (("gamma", self.scale), ("beta", self.center)):
             if on:
                 setattr(self, name, self.add_weight(
-                    name=name, shape=channels, initializer=self._initializers[name],
-                    regularizer=self._regularizers[name], constraint=self._constraints[name],
+                    name=name, shape=channels, initializer=initializers[name],
+                    regularizer=regularizers[name], constraint=constraints[name],
                     trainable=True, autocast=False, dtype="float32"))
-        self.moving_mean = self.add_weight(name="moving_mean", shape=channels, dtype="float32",
-                                           initializer=self._initializers["moving_mean"], **state)
-        self.moving_variance = self.add_weight(
-            name="moving_variance", shape=channels, dtype="float32",
-            initializer=self._initializers["moving_variance"], **state)
+        self.moving_statistics.build(channels)
         if self.window_size == 1:
             return
         previous, dtype = self.window_size - 1, stats_dtype(self.variable_dtype)
@@ -228,41 +225,59 @@ class CBNConv2D(keras.layers.Conv2D):
         keras.layers.Layer.load_own_variables(self, store)
 
     @property
-    def _axis(self):
+    def axis(self):
+        """The channel axis of the output (`-1` channels-last, `1` channels-first)."""
         return -1 if self.data_format == "channels_last" else 1
 
     @property
+    def momentum(self):
+        return self.moving_statistics.momentum
+
+    @property
     def _reduce_axes(self):
-        return [0, 1, 2] if self._axis == -1 else [0, 2, 3]
+        return [0, 1, 2] if self.axis == -1 else [0, 2, 3]
 
     def _conv(self, inputs, kernel):
         x = self.convolution_op(inputs, tf.cast(kernel, self.compute_dtype))
         if self.use_bias:
-            shape = [1, 1, 1, self.filters] if self._axis == -1 else [1, self.filters, 1, 1]
+            shape = [1, 1, 1, self.filters] if self.axis == -1 else [1, self.filters, 1, 1]
             x = x + tf.reshape(tf.cast(self.bias, x.dtype), shape)
         return x
 
+    def normalized_output(self, inputs, training=False):
+        """The convolution output normalized, before the affine and activation.
+
+        `inputs` is the conv's input. With `training=True` (and the layer `trainable`)
+        the statistics are the current batch's alone (not the cross-iteration window);
+        otherwise the moving averages. Nothing is updated.
+        """
+        x = self._conv(tf.convert_to_tensor(inputs), tf.convert_to_tensor(self.kernel))
+        mean, var = self.moving_statistics.select(
+            training, lambda: moments(x, self._reduce_axes), update=False)
+        return self._standardize(x, mean, var)
+
     def call(self, inputs, training=None):
+        if not self.moving_statistics.uses_batch(training):
+            return self._affine_act(self.normalized_output(inputs))
         kernel = tf.convert_to_tensor(self.kernel)
-        if not (training and self.trainable):
-            outputs = self._normalize(self._conv(inputs, kernel), self.moving_mean,
-                                      self.moving_variance)
-            return tf.cast(outputs, self.compute_dtype)
         with tf.GradientTape() as tape:
             tape.watch(kernel)
             x = self._conv(inputs, kernel)
             mean, var = moments(x, self._reduce_axes)
-        for moving, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
-            moving.assign(moving * self.momentum
-                          + tf.cast(batch, moving.dtype) * (1.0 - self.momentum))
+        self.moving_statistics.update((mean, var))   # the current batch only
         if self.window_size > 1:
             mean, var = self._window_statistics(inputs, tape, kernel, mean, var)
-        return tf.cast(self._normalize(x, mean, var), self.compute_dtype)
+        return self._affine_act(self._standardize(x, mean, var))
 
-    def _normalize(self, x, mean, var):
-        return norm_act_ops.batch_norm_act(
-            x, mean, var, self.gamma, self.beta, axis=self._axis, epsilon=self.epsilon,
+    def _standardize(self, x, mean, var):
+        return norm_act_ops.batch_norm_act(x, mean, var, axis=self.axis, epsilon=self.epsilon,
+                                           activation=None)
+
+    def _affine_act(self, y):
+        outputs = norm_act_ops.affine_act_proxy(
+            y, self.gamma, self.beta, axis=self.axis,
             activation=self.norm_activation_name or self._norm_activation_fn)
+        return tf.cast(outputs, self.compute_dtype)
 
     def _mean_patch(self, inputs):
         """d mean_c / dW[..., c]: the mean input patch of each conv group, (kh, kw, C_in/g, g).
@@ -339,16 +354,12 @@ class CBNConv2D(keras.layers.Conv2D):
             "window_size": self.window_size,
             "rho": self.rho,
             "burnin_steps": self.burnin_steps,
-            "momentum": self.momentum,
             "epsilon": self.epsilon,
             "center": self.center,
             "scale": self.scale,
+            **self.moving_statistics.config(),
+            **serialize_options(*self._affine_options),
         })
-        for name, initializer in self._initializers.items():
-            config_[f"{name}_initializer"] = keras.initializers.serialize(initializer)
-        for name in _AFFINE:
-            config_[f"{name}_regularizer"] = keras.regularizers.serialize(self._regularizers[name])
-            config_[f"{name}_constraint"] = keras.constraints.serialize(self._constraints[name])
         return config_
 
 
@@ -378,8 +389,9 @@ class CrossIterationBatchNormalization(keras.layers.Layer):
     ```
 
     Args:
-        activation: applied after the normalization. Defaults to `"relu"` (as every
-            norm + activation layer of the package).
+        activation: applied after the normalization. Defaults to None, as every
+            `...Normalization` layer (Keras' naming); the factory name `"cbn"` builds
+            CBN + ReLU, as `"bn"` builds BN + ReLU.
         axis: the channel axis, checked against the conv's `data_format` when binding.
         window_size, rho, burnin_steps, momentum, epsilon, center, scale,
             initializers, regularizers, constraints: as `CBNConv2D`.
@@ -403,7 +415,7 @@ class CrossIterationBatchNormalization(keras.layers.Layer):
     >>> layers = conv_norm_layers(conv, norm)        # [CBNConv2D]
     """
 
-    def __init__(self, activation="relu", axis=-1, window_size=CBN_WINDOW_SIZE, rho=1.0,
+    def __init__(self, activation=None, axis=-1, window_size=CBN_WINDOW_SIZE, rho=1.0,
                  burnin_steps=0, momentum=CBN_MOMENTUM, epsilon=CBN_EPSILON, center=True,
                  scale=True, beta_initializer="zeros", gamma_initializer="ones",
                  moving_mean_initializer="zeros", moving_variance_initializer="ones",

@@ -12,7 +12,8 @@ activation.
 import keras
 import tensorflow as tf
 
-from tf_proxynorm.layers._base import NormActBase
+from tf_proxynorm.layers._base import NormActBase, per_channel_options, serialize_options
+from tf_proxynorm.layers.moving_statistics import MovingStatistics
 from tf_proxynorm.ops import activations
 from tf_proxynorm.ops import norm_act as norm_act_ops
 from tf_proxynorm.ops.stats import group_moments, moments, stats_dtype
@@ -21,11 +22,6 @@ _register = keras.saving.register_keras_serializable(package="tf_proxynorm")
 
 EVONORM_EPSILON = 1e-5
 DEFAULT_GROUPS = 32
-
-# NormActBase arguments that have no meaning for EvoNorm (dropped from the config).
-_UNUSED = ("proxy_norm", "proxy_epsilon", "implementation") + tuple(
-    f"proxy_{w}_{kind}" for w in ("beta", "gamma")
-    for kind in ("initializer", "regularizer", "constraint"))
 
 
 def evonorm_groups(channels, groups=DEFAULT_GROUPS):
@@ -41,23 +37,22 @@ def _is_nonlinear(activation):
 
 
 class _EvoNorm(NormActBase):
-    """Arguments, weights (gamma, beta, v) and config shared by EvoNorm-B0 and -S0."""
+    """Arguments, weights (gamma, beta, v) and config shared by EvoNorm-B0 and -S0.
+
+    Subclasses implement `_evonorm(x, training, update)`: the normalization-activation
+    before gamma and beta, which is also the layer's `normalized_output`.
+    """
 
     _min_rank = 2
 
     def __init__(self, activation="evonorm", axis=-1, epsilon=EVONORM_EPSILON,
                  v_initializer="ones", v_regularizer=None, v_constraint=None, **kwargs):
-        if kwargs.get("proxy_norm"):
-            raise ValueError(f"{type(self).__name__} does not support proxy normalization. "
-                             f"Received: proxy_norm={kwargs['proxy_norm']}")
-        kwargs.pop("proxy_norm", None)
         nonlinear = _is_nonlinear(activation)
+        # The EvoNorm nonlinearity is the method's own: the affine has no activation.
         super().__init__(activation=None, axis=axis, epsilon=epsilon, **kwargs)
         self.activation = activation
         self.nonlinear = nonlinear
-        self.v_initializer = keras.initializers.get(v_initializer)
-        self.v_regularizer = keras.regularizers.get(v_regularizer)
-        self.v_constraint = keras.constraints.get(v_constraint)
+        self._v_options = per_channel_options(locals(), ("v",))
         self.v = None
 
     def build(self, input_shape):
@@ -71,30 +66,19 @@ class _EvoNorm(NormActBase):
         self._broadcast = [1] * len(input_shape)
         self._broadcast[axis] = channels
         if self.nonlinear:
-            self.v = self.add_weight(
-                name="v", shape=(channels,), initializer=self.v_initializer,
-                regularizer=self.v_regularizer, constraint=self.v_constraint,
-                trainable=True, autocast=False, dtype="float32")
+            self._add_channel_weights(("v",), channels, self._v_options)
 
     def _per_channel(self, value, dtype):
         return tf.reshape(tf.cast(value, dtype), self._broadcast)
 
-    def _normalize_act(self, inputs, training, gamma, beta, proxy_mean, proxy_inv_std):
+    def _normalize(self, inputs, training, update):
+        """The EvoNorm normalization-activation before gamma and beta (no mean removed);
+        the input itself in the linear form."""
         x = tf.cast(inputs, stats_dtype(inputs.dtype))
-        if self.nonlinear:
-            x = self._evonorm(x, training)
-        return norm_act_ops.affine_act_proxy(x, gamma, beta, axis=self._axis, activation=None)
+        return self._evonorm(x, training, update) if self.nonlinear else x
 
     def get_config(self):
-        config_ = super().get_config()
-        for key in _UNUSED:
-            config_.pop(key)
-        config_.update({
-            "v_initializer": keras.initializers.serialize(self.v_initializer),
-            "v_regularizer": keras.regularizers.serialize(self.v_regularizer),
-            "v_constraint": keras.constraints.serialize(self.v_constraint),
-        })
-        return config_
+        return {**super().get_config(), **serialize_options(*self._v_options)}
 
 
 _ARGS_DOC = """
@@ -135,13 +119,7 @@ class EvoNormS0(_EvoNorm):
     Call arguments:
         inputs: a tensor of rank >= 2 with channels on `axis`.
         training: ignored (the layer is batch-independent).
-
-    Returns:
-        A tensor of the input's shape in the layer's compute dtype.
-
-    Reference:
-        - [Liu et al., 2020](https://arxiv.org/abs/2004.02967), Evolving
-          Normalization-Activation Layers.
+{returns}
 
     Example:
 
@@ -181,7 +159,7 @@ class EvoNormS0(_EvoNorm):
             self._groups = evonorm_groups(channels, self.groups or DEFAULT_GROUPS)
         super().build(input_shape)
 
-    def _evonorm(self, x, training):
+    def _evonorm(self, x, training, update):
         _, var, to_channels = group_moments(x, self._axis, self._groups)
         gate = tf.sigmoid(self._per_channel(self.v, x.dtype) * x)
         return x * gate * to_channels(tf.math.rsqrt(var + self.epsilon))
@@ -204,7 +182,7 @@ class EvoNormB0(_EvoNorm):
               = moving_variance                            (inference)
     out = x / max(sqrt(batch_var + epsilon), v * x + sqrt(var_positions(x) + epsilon))
               * gamma + beta
-    moving_variance <- moving_variance - (moving_variance - batch_var) * (1 - momentum)
+    moving_variance <- moving_variance * momentum + batch_var * (1 - momentum)
     ```
 
     Variances are biased. The moving variance is kept only in the EvoNorm form.
@@ -216,13 +194,7 @@ class EvoNormB0(_EvoNorm):
     Call arguments:
         inputs: a tensor of rank >= 3 (batch, positions..., channels).
         training: whether to use (and update) the batch variance.
-
-    Returns:
-        A tensor of the input's shape in the layer's compute dtype.
-
-    Reference:
-        - [Liu et al., 2020](https://arxiv.org/abs/2004.02967), Evolving
-          Normalization-Activation Layers.
+{returns}
 
     Example:
 
@@ -236,28 +208,23 @@ class EvoNormB0(_EvoNorm):
     def __init__(self, activation="evonorm", axis=-1, momentum=0.9,
                  moving_variance_initializer="ones", **kwargs):
         super().__init__(activation=activation, axis=axis, **kwargs)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"`momentum` must be in [0, 1]. Received: momentum={momentum}")
-        self.momentum = float(momentum)
-        self.moving_variance_initializer = keras.initializers.get(moving_variance_initializer)
+        self.moving_statistics = MovingStatistics(
+            self, names=("moving_variance",), momentum=momentum,
+            initializers={"moving_variance": moving_variance_initializer})
         self.moving_variance = None
+
+    @property
+    def momentum(self):
+        return self.moving_statistics.momentum
 
     def build(self, input_shape):
         super().build(input_shape)
         if self.nonlinear:
-            self.moving_variance = self.add_weight(
-                name="moving_variance", shape=(self._broadcast[self._axis],),
-                initializer=self.moving_variance_initializer, trainable=False,
-                autocast=False, dtype="float32")
+            self.moving_statistics.build((self._broadcast[self._axis],))
 
-    def _evonorm(self, x, training):
-        if training and self.trainable:
-            _, batch_var = norm_act_ops.batch_moments(x, self._axis)
-            moving = self.moving_variance
-            batch_var32 = tf.cast(batch_var, moving.dtype)
-            moving.assign(moving - (moving - batch_var32) * (1.0 - self.momentum))
-        else:
-            batch_var = self.moving_variance
+    def _evonorm(self, x, training, update):
+        (batch_var,) = self.moving_statistics.select(
+            training, lambda: norm_act_ops.batch_moments(x, self._axis)[1:], update)
         positions = [a for a in range(1, x.shape.rank) if a != self._axis]
         _, instance_var = moments(x, positions, keepdims=True)
         left = self._per_channel(tf.sqrt(tf.cast(batch_var, x.dtype) + self.epsilon), x.dtype)
@@ -265,11 +232,18 @@ class EvoNormB0(_EvoNorm):
         return x / tf.maximum(left, right)
 
     def get_config(self):
-        return {**super().get_config(), "momentum": self.momentum,
-                "moving_variance_initializer": keras.initializers.serialize(
-                    self.moving_variance_initializer)}
+        return {**super().get_config(), **self.moving_statistics.config()}
 
 
-EvoNormS0.__doc__ = EvoNormS0.__doc__.replace("{common}", _ARGS_DOC.format(
-    axis_note=" (`-1` channels-last or `1` channels-first)"))
-EvoNormB0.__doc__ = EvoNormB0.__doc__.replace("{common}", _ARGS_DOC.format(axis_note=""))
+_RETURNS_DOC = """
+    Returns:
+        A tensor of the input's shape in the layer's compute dtype.
+
+    Reference:
+        - [Liu et al., 2020](https://arxiv.org/abs/2004.02967), Evolving
+          Normalization-Activation Layers."""
+
+for _cls, _axis_note in ((EvoNormS0, " (`-1` channels-last or `1` channels-first)"),
+                         (EvoNormB0, "")):
+    _cls.__doc__ = _cls.__doc__.replace("{common}", _ARGS_DOC.format(axis_note=_axis_note))
+    _cls.__doc__ = _cls.__doc__.replace("{returns}", _RETURNS_DOC)

@@ -1,7 +1,10 @@
 """Norm + activation layers by name: `get_norm_act_layer("gn+pn", groups=16)`.
 
 Names are case-insensitive; `-` and `_` are interchangeable. Model builders store the
-name in their config and resolve it once with `resolve_norm_act`.
+name in their config and resolve it once with `resolve_norm_act`. Every name builds a
+norm followed by ReLU unless told otherwise (`activation=...`): classes named `...Act`
+(and EvoNorm, whose nonlinearity is its own) apply an activation by default, classes named
+`...Normalization` do not (as Keras'), so their names pass `activation="relu"`.
 """
 
 import importlib
@@ -19,20 +22,26 @@ _REGISTRY = {
     "pn": ("tf_proxynorm.layers.proxy_norm_act:ProxyNormAct", {}),
     "evonorm_b0": ("tf_proxynorm.layers.evonorm:EvoNormB0", {}),
     "evonorm_s0": ("tf_proxynorm.layers.evonorm:EvoNormS0", {}),
-    "iebn": ("tf_proxynorm.layers.iebn:InstanceEnhancementBatchNormalization", {}),
-    "bgn": ("tf_proxynorm.layers.batch_group_norm:BatchGroupNormalization", {}),
+    # `...Normalization` classes default to no activation (Keras' naming); their names
+    # here build norm + ReLU, as "bn" does.
+    "iebn": ("tf_proxynorm.layers.iebn:InstanceEnhancementBatchNormalization",
+             {"activation": "relu"}),
+    "bgn": ("tf_proxynorm.layers.batch_group_norm:BatchGroupNormalization",
+            {"activation": "relu"}),
     # Needs its conv: model builders apply conv + norm through `conv_norm_layers`.
-    "cbn": ("tf_proxynorm.layers.cross_iteration_bn:CrossIterationBatchNormalization", {}),
+    "cbn": ("tf_proxynorm.layers.cross_iteration_bn:CrossIterationBatchNormalization",
+            {"activation": "relu"}),
 }
 
 
-def _key(name):
+def canonical_name(name):
+    """The registry key of a name: case, spaces and "-" vs "_" do not matter."""
     return name.strip().lower().replace("-", "_") if isinstance(name, str) else name
 
 
 def register_norm_act(name, target, **defaults):
     """Registers `name` for a layer class (or "module:Class" path) with default kwargs."""
-    _REGISTRY[_key(name)] = (target, defaults)
+    _REGISTRY[canonical_name(name)] = (target, defaults)
 
 
 def available_norm_acts():
@@ -40,8 +49,9 @@ def available_norm_acts():
     return sorted(_REGISTRY)
 
 
-def _lookup(name):
-    entry = _REGISTRY.get(_key(name))
+def lookup(name):
+    """`(layer class, default kwargs)` registered for `name` (ValueError naming it if none)."""
+    entry = _REGISTRY.get(canonical_name(name))
     if entry is None:
         raise ValueError(
             f"Unknown normalization name. Expected one of {available_norm_acts()}. "
@@ -95,7 +105,7 @@ def resolve_norm_act(norm, /, **defaults):
     Unknown names and (for names and classes) unknown arguments raise here, once.
     """
     if isinstance(norm, str):
-        cls, name_defaults = _lookup(norm)
+        cls, name_defaults = lookup(norm)
         defaults = {**name_defaults, **defaults}
         _check_kwargs(cls, defaults, norm)
     elif inspect.isclass(norm):

@@ -3,8 +3,8 @@
 import keras
 import tensorflow as tf
 
+from tf_proxynorm.layers._base import per_channel_options, serialize_options
 from tf_proxynorm.layers.norm_act import BatchNormAct
-from tf_proxynorm.ops import norm_act as norm_act_ops
 from tf_proxynorm.ops.stats import channel_axis, moments
 
 IEBN_EPSILON = 1e-5
@@ -20,8 +20,9 @@ class InstanceEnhancementBatchNormalization(BatchNormAct):
     moving averages when `training=True` and the layer is `trainable`, and the moving
     averages otherwise, exactly as Keras' `BatchNormalization`. The gate is computed per
     example from the mean over the positions of the RAW input (as the official code), in
-    training and inference alike. Like every norm + activation layer of this package, an
-    activation follows (ReLU by default; `activation=None` for the normalization alone).
+    training and inference alike. As every `...Normalization` layer (Keras' naming), no
+    activation follows by default; the factory name `"iebn"` builds IEBN + ReLU, as
+    `"bn"` builds BN + ReLU.
 
     ```python
     x_hat = (x - mean) / sqrt(var + epsilon)        # batch or moving statistics
@@ -34,7 +35,7 @@ class InstanceEnhancementBatchNormalization(BatchNormAct):
     `sigmoid(-1) = 0.2689414`, so the output scale starts at 0.27 rather than 1.
 
     Args:
-        activation: activation applied after the affine. Defaults to `"relu"`.
+        activation: activation applied after the affine. Defaults to None.
         axis: the channel axis.
         momentum: momentum of the moving averages. Defaults to 0.9 (PyTorch's 0.1).
         epsilon: added to the variance. Defaults to 1e-5.
@@ -65,19 +66,15 @@ class InstanceEnhancementBatchNormalization(BatchNormAct):
     TensorShape([4, 8, 8, 16])
     """
 
-    def __init__(self, activation="relu", axis=-1, momentum=IEBN_MOMENTUM, epsilon=IEBN_EPSILON,
+    def __init__(self, activation=None, axis=-1, momentum=IEBN_MOMENTUM, epsilon=IEBN_EPSILON,
                  gate_weight_initializer="zeros", gate_bias_initializer=-1.0,
                  gate_weight_regularizer=None, gate_bias_regularizer=None,
                  gate_weight_constraint=None, gate_bias_constraint=None, **kwargs):
         super().__init__(activation=activation, axis=axis, momentum=momentum, epsilon=epsilon,
                          **kwargs)
-        given = locals()
-        self._gate_initializers = {
-            w: keras.initializers.get(_constant(given[f"{w}_initializer"])) for w in _GATE_WEIGHTS}
-        self._gate_regularizers = {
-            w: keras.regularizers.get(given[f"{w}_regularizer"]) for w in _GATE_WEIGHTS}
-        self._gate_constraints = {
-            w: keras.constraints.get(given[f"{w}_constraint"]) for w in _GATE_WEIGHTS}
+        self._gate_options = per_channel_options(
+            {**locals(), "gate_weight_initializer": _constant(gate_weight_initializer),
+             "gate_bias_initializer": _constant(gate_bias_initializer)}, _GATE_WEIGHTS)
         self.gate_weight = self.gate_bias = None
 
     def build(self, input_shape):
@@ -89,49 +86,19 @@ class InstanceEnhancementBatchNormalization(BatchNormAct):
         axis, channels = self._channels(input_shape)
         self._broadcast = [1] * len(input_shape)
         self._broadcast[axis] = channels
-        for name in _GATE_WEIGHTS:
-            setattr(self, name, self.add_weight(
-                name=name, shape=(channels,), initializer=self._gate_initializers[name],
-                regularizer=self._gate_regularizers[name], constraint=self._gate_constraints[name],
-                trainable=True, autocast=False, dtype="float32"))
+        self._add_channel_weights(_GATE_WEIGHTS, channels, self._gate_options)
 
-    def _statistics(self, inputs, training):
-        """Batch statistics (updating the moving averages) in training, else the moving ones."""
-        if not (training and self.trainable):
-            return self.moving_mean, self.moving_variance
-        if self.synchronized:
-            rank = inputs.shape.rank
-            axes = [a for a in range(rank) if a != channel_axis(rank, self.axis)]
-            mean, var = keras.ops.moments(tf.cast(inputs, "float32"), axes, synchronized=True)
-        else:
-            mean, var = norm_act_ops.batch_moments(inputs, self.axis)
-        for moving, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
-            moving.assign(moving * self.momentum
-                          + tf.cast(batch, moving.dtype) * (1.0 - self.momentum))
-        return mean, var
-
-    def _normalize_act(self, inputs, training, gamma, beta, proxy_mean, proxy_inv_std):
+    def _normalize_act(self, inputs, training):
         rank = inputs.shape.rank
         axis = channel_axis(rank, self.axis)
-        mean, var = self._statistics(inputs, training)
-        x_hat = norm_act_ops.batch_norm_act(inputs, mean, var, axis=axis, epsilon=self.epsilon,
-                                            activation=None)
+        x_hat = self._normalize(inputs, training, update=True)
         pooled, _ = moments(inputs, [a for a in range(1, rank) if a != axis], keepdims=True)
         per_channel = lambda w: tf.reshape(tf.cast(w, pooled.dtype), self._broadcast)  # noqa: E731
         gate = tf.sigmoid(per_channel(self.gate_weight) * pooled + per_channel(self.gate_bias))
-        return norm_act_ops.affine_act_proxy(x_hat * tf.cast(gate, x_hat.dtype), gamma, beta,
-                                             axis=axis, activation=self._act_arg())
+        return self._affine_act(x_hat * tf.cast(gate, x_hat.dtype))
 
     def get_config(self):
-        config_ = super().get_config()
-        for name in _GATE_WEIGHTS:
-            config_[f"{name}_initializer"] = keras.initializers.serialize(
-                self._gate_initializers[name])
-            config_[f"{name}_regularizer"] = keras.regularizers.serialize(
-                self._gate_regularizers[name])
-            config_[f"{name}_constraint"] = keras.constraints.serialize(
-                self._gate_constraints[name])
-        return config_
+        return {**super().get_config(), **serialize_options(*self._gate_options)}
 
 
 def _constant(initializer):

@@ -3,8 +3,12 @@
 import keras
 import tensorflow as tf
 
+from tf_proxynorm import config, fused
 from tf_proxynorm.layers._base import NormActBase
+from tf_proxynorm.layers.moving_statistics import MovingStatistics
+from tf_proxynorm.layers.proxy_norm_act import ProxyNormMixin
 from tf_proxynorm.ops import norm_act as norm_act_ops
+from tf_proxynorm.ops.stats import moments
 
 _register = keras.saving.register_keras_serializable(package="tf_proxynorm")
 
@@ -30,8 +34,60 @@ _COMMON_ARGS_DOC = """
         **kwargs: base layer arguments (`name`, `dtype`, `trainable`)."""
 
 
+class _GroupNormAct(NormActBase):
+    """GroupNorm + affine + activation, with an optional per-channel output step.
+
+    The output step `(z - step_mean) * step_inv_std` rides in the fused kernel's proxy
+    inputs: Proxy Normalization (`GroupNormAct`) or a plain offset
+    (`ShiftedGroupNormAct`). Subclasses return it from `_output_step()`.
+    """
+
+    def __init__(self, groups=32, activation="relu", axis=-1, epsilon=1e-3,
+                 implementation="auto", **kwargs):
+        super().__init__(activation=activation, axis=axis, epsilon=epsilon, **kwargs)
+        if not isinstance(groups, int) or (groups < 1 and groups != -1):
+            raise ValueError(f"`groups` must be a positive int or -1. Received: groups={groups}")
+        self.groups = groups
+        self.implementation = config.validate_implementation(implementation)
+
+    def build(self, input_shape):
+        _, channels = self._channels(input_shape)
+        if self.groups != -1 and channels % self.groups:
+            raise ValueError(
+                f"Number of groups ({self.groups}) must divide the number of channels "
+                f"({channels}) of the input. Received: groups={self.groups}, "
+                f"input_shape={tuple(input_shape)}")
+        if self.implementation == "fused" and not fused.fused_op_available():
+            raise ValueError(
+                "implementation='fused' was requested but the fused op is not available: "
+                f"{fused.unavailable_reason()}. Received: implementation='fused'")
+        self._groups = channels if self.groups == -1 else self.groups
+        super().build(input_shape)
+
+    def _output_step(self):
+        return None, None
+
+    def _normalize(self, inputs, training, update):
+        return norm_act_ops.group_norm_act_reference(
+            inputs, groups=self._groups, axis=self.axis, epsilon=self.epsilon, activation=None)
+
+    def _normalize_act(self, inputs, training):
+        # One op for the whole layer (the fused kernel when it can run).
+        step_mean, step_inv_std = self._output_step()
+        gamma, beta = (None if w is None else tf.convert_to_tensor(w)
+                       for w in (self.gamma, self.beta))
+        return norm_act_ops.group_norm_act(
+            inputs, gamma, beta, groups=self._groups, axis=self.axis,
+            epsilon=self.epsilon, activation=self._act_arg(), proxy_mean=step_mean,
+            proxy_inv_std=step_inv_std, implementation=self.implementation)
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups,
+                "implementation": self.implementation}
+
+
 @_register
-class GroupNormAct(NormActBase):
+class GroupNormAct(ProxyNormMixin, _GroupNormAct):
     """Group Normalization + per-channel affine + activation, with optional Proxy Norm.
 
     Statistics are computed per example over the positions and the channels of each of
@@ -69,39 +125,37 @@ class GroupNormAct(NormActBase):
     TensorShape([2, 8, 8, 16])
     """
 
-    _fusable = True
-
     def __init__(self, groups=32, activation="relu", proxy_norm=False, axis=-1, **kwargs):
-        super().__init__(activation=activation, proxy_norm=proxy_norm, axis=axis, **kwargs)
-        if not isinstance(groups, int) or (groups < 1 and groups != -1):
-            raise ValueError(f"`groups` must be a positive int or -1. Received: groups={groups}")
-        self.groups = groups
+        self.proxy_norm = bool(proxy_norm)
+        super().__init__(groups=groups, activation=activation, axis=axis, **kwargs)
 
-    def build(self, input_shape):
-        _, channels = self._channels(input_shape)
-        if self.groups != -1 and channels % self.groups:
-            raise ValueError(
-                f"Number of groups ({self.groups}) must divide the number of channels "
-                f"({channels}) of the input. Received: groups={self.groups}, "
-                f"input_shape={tuple(input_shape)}")
-        self._groups = channels if self.groups == -1 else self.groups
-        super().build(input_shape)
-
-    def _normalize_act(self, inputs, training, gamma, beta, proxy_mean, proxy_inv_std):
-        return norm_act_ops.group_norm_act(
-            inputs, gamma, beta, groups=self._groups, axis=self.axis, epsilon=self.epsilon,
-            activation=self._act_arg(), proxy_mean=proxy_mean, proxy_inv_std=proxy_inv_std,
-            implementation=self.implementation)
+    def _output_step(self):
+        return self.proxy_statistics()
 
     def get_config(self):
-        return {**super().get_config(), "groups": self.groups}
+        return {**super().get_config(), "proxy_norm": self.proxy_norm}
 
 
 GroupNormAct.__doc__ = GroupNormAct.__doc__.replace("{common}", _COMMON_ARGS_DOC)
 
 
+class _FixedGroupsNormAct(GroupNormAct):
+    """A `GroupNormAct` whose group count is fixed by the class (`fixed_groups`)."""
+
+    fixed_groups = None
+
+    def __init__(self, activation="relu", proxy_norm=False, axis=-1, **kwargs):
+        super().__init__(groups=self.fixed_groups, activation=activation,
+                         proxy_norm=proxy_norm, axis=axis, **kwargs)
+
+    def get_config(self):
+        config_ = super().get_config()
+        del config_["groups"]
+        return config_
+
+
 @_register
-class LayerNormAct(GroupNormAct):
+class LayerNormAct(_FixedGroupsNormAct):
     """Layer Normalization over all non-batch axes + affine + activation (+ Proxy Norm).
 
     This is `GroupNormAct(groups=1)`: one mean and variance per example over every
@@ -121,22 +175,11 @@ class LayerNormAct(GroupNormAct):
         - [Labatie et al., 2021](https://arxiv.org/abs/2106.03743).
     """
 
-    def __init__(self, activation="relu", proxy_norm=False, axis=-1, **kwargs):
-        kwargs.pop("groups", None)
-        super().__init__(groups=1, activation=activation, proxy_norm=proxy_norm, axis=axis,
-                         **kwargs)
-
-    def get_config(self):
-        config_ = super().get_config()
-        del config_["groups"]
-        return config_
-
-
-LayerNormAct.__doc__ = LayerNormAct.__doc__.replace("{common}", _COMMON_ARGS_DOC)
+    fixed_groups = 1
 
 
 @_register
-class InstanceNormAct(GroupNormAct):
+class InstanceNormAct(_FixedGroupsNormAct):
     """Instance Normalization + affine + activation (+ Proxy Norm): one group per channel.
 
     ```python
@@ -150,18 +193,52 @@ class InstanceNormAct(GroupNormAct):
         - [Ulyanov et al., 2016](https://arxiv.org/abs/1607.08022), Instance Normalization.
     """
 
-    def __init__(self, activation="relu", proxy_norm=False, axis=-1, **kwargs):
-        kwargs.pop("groups", None)
-        super().__init__(groups=-1, activation=activation, proxy_norm=proxy_norm, axis=axis,
-                         **kwargs)
-
-    def get_config(self):
-        config_ = super().get_config()
-        del config_["groups"]
-        return config_
+    fixed_groups = -1
 
 
-InstanceNormAct.__doc__ = InstanceNormAct.__doc__.replace("{common}", _COMMON_ARGS_DOC)
+for _cls in (LayerNormAct, InstanceNormAct):
+    _cls.__doc__ = _cls.__doc__.replace("{common}", _COMMON_ARGS_DOC)
+
+
+@_register
+class ShiftedGroupNormAct(_GroupNormAct):
+    """`GroupNormAct` without proxy step, plus a per-channel output offset, in one kernel.
+
+    What remains of a GN/LN/IN + PN layer whose output scale `fold_for_inference` moved
+    into a zero-padded convolution: the offset (`-m`, the proxy mean) rides in the fused
+    op's proxy inputs (`proxy_mean=-offset, proxy_inv_std=1`), so it costs no extra pass.
+
+    ```python
+    y = act(gamma * group_normalize(x) + beta) + offset
+    ```
+
+    Args:
+        groups, activation, axis, epsilon, center, scale, implementation, initializers,
+            regularizers, constraints: as `GroupNormAct` (no proxy arguments). The
+            `offset` weight is initialized to zeros.
+
+    Reference:
+        - [Labatie et al., 2021](https://arxiv.org/abs/2106.03743), section 3 (folding).
+    """
+
+    # tf_proxynorm 0.x subclassed GroupNormAct and wrote its (unused) proxy arguments.
+    _dropped_config_keys = ("proxy_norm", "proxy_epsilon") + tuple(
+        f"proxy_{w}_{kind}" for w in ("beta", "gamma")
+        for kind in ("initializer", "regularizer", "constraint"))
+
+    def __init__(self, groups=32, activation="relu", axis=-1, **kwargs):
+        super().__init__(groups=groups, activation=activation, axis=axis, **kwargs)
+        self.offset = None
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        _, channels = self._channels(input_shape)
+        self.offset = self.add_weight(name="offset", shape=(channels,), initializer="zeros",
+                                      trainable=True, autocast=False, dtype="float32")
+
+    def _output_step(self):
+        offset = tf.convert_to_tensor(self.offset)
+        return -offset, tf.ones_like(offset)
 
 
 @_register
@@ -187,61 +264,46 @@ class BatchNormAct(NormActBase):
         synchronized: compute the batch statistics across replicas of a
             `tf.distribute` strategy (Keras' synchronized BatchNorm).
 
+    The switch between batch and moving statistics and the update of the moving averages
+    are those of every batch-statistics layer of the package: see
+    `tf_proxynorm/layers/moving_statistics.py`.
+
     Reference:
         - [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167).
     """
 
-    def __init__(self, activation="relu", axis=-1, momentum=0.99,
+    def __init__(self, activation="relu", axis=-1, momentum=0.99, epsilon=1e-3,
                  moving_mean_initializer="zeros", moving_variance_initializer="ones",
                  synchronized=False, **kwargs):
-        if kwargs.get("proxy_norm"):
-            raise ValueError("BatchNormAct does not support proxy normalization. "
-                             f"Received: proxy_norm={kwargs['proxy_norm']}")
-        kwargs.pop("proxy_norm", None)
-        super().__init__(activation=activation, axis=axis, **kwargs)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"`momentum` must be in [0, 1]. Received: momentum={momentum}")
-        self.momentum = float(momentum)
-        self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = keras.initializers.get(moving_variance_initializer)
+        super().__init__(activation=activation, axis=axis, epsilon=epsilon, **kwargs)
+        self.moving_statistics = MovingStatistics(self, momentum=momentum, initializers={
+            "moving_mean": moving_mean_initializer,
+            "moving_variance": moving_variance_initializer})
         self.synchronized = bool(synchronized)
+
+    @property
+    def momentum(self):
+        return self.moving_statistics.momentum
+
+    def _statistics_shape(self, input_shape):
+        """The shape of the moving statistics: one per channel."""
+        return (self._channels(input_shape)[1],)
 
     def build(self, input_shape):
         super().build(input_shape)
-        _, channels = self._channels(input_shape)
-        self.moving_mean = self.add_weight(
-            name="moving_mean", shape=(channels,), initializer=self.moving_mean_initializer,
-            trainable=False, autocast=False, dtype="float32")
-        self.moving_variance = self.add_weight(
-            name="moving_variance", shape=(channels,),
-            initializer=self.moving_variance_initializer, trainable=False, autocast=False,
-            dtype="float32")
+        self.moving_statistics.build(self._statistics_shape(input_shape))
 
-    def _normalize_act(self, inputs, training, gamma, beta, proxy_mean, proxy_inv_std):
-        if training and self.trainable:
-            if self.synchronized:
-                axes = [a for a in range(inputs.shape.rank) if a != self.axis % inputs.shape.rank]
-                mean, var = keras.ops.moments(tf.cast(inputs, "float32"), axes, synchronized=True)
-            else:
-                mean, var = norm_act_ops.batch_moments(inputs, self.axis)
-            for moving, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
-                moving.assign(moving * self.momentum + tf.cast(batch, moving.dtype) * (1.0 - self.momentum))
-        else:
-            mean, var = self.moving_mean, self.moving_variance
-        return norm_act_ops.batch_norm_act(inputs, mean, var, gamma, beta, axis=self.axis,
-                                           epsilon=self.epsilon, activation=self._act_arg())
+    def _batch_moments(self, inputs):
+        rank = inputs.shape.rank
+        axes = [a for a in range(rank) if a != self.axis % rank]
+        return moments(inputs, axes, synchronized=self.synchronized)
+
+    def _normalize(self, inputs, training, update):
+        mean, var = self.moving_statistics.select(
+            training, lambda: self._batch_moments(inputs), update)
+        return norm_act_ops.batch_norm_act(inputs, mean, var, axis=self.axis,
+                                           epsilon=self.epsilon, activation=None)
 
     def get_config(self):
-        config_ = super().get_config()
-        for key in ("proxy_norm", "proxy_epsilon", "implementation") + tuple(
-                f"proxy_{w}_{kind}" for w in ("beta", "gamma")
-                for kind in ("initializer", "regularizer", "constraint")):
-            config_.pop(key)
-        config_.update({
-            "momentum": self.momentum,
-            "moving_mean_initializer": keras.initializers.serialize(self.moving_mean_initializer),
-            "moving_variance_initializer": keras.initializers.serialize(
-                self.moving_variance_initializer),
-            "synchronized": self.synchronized,
-        })
-        return config_
+        return {**super().get_config(), **self.moving_statistics.config(),
+                "synchronized": self.synchronized}

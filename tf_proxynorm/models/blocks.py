@@ -33,7 +33,7 @@ _WS_SUFFIX = "+ws"
 def _norm_defaults(norm, norm_kwargs):
     """The keyword arguments a norm will receive from its name and `norm_kwargs`."""
     if isinstance(norm, str):
-        _, defaults = factory._lookup(norm)
+        _, defaults = factory.lookup(norm)
         return {**defaults, **norm_kwargs}
     return dict(norm_kwargs)
 
@@ -41,7 +41,7 @@ def _norm_defaults(norm, norm_kwargs):
 def _takes_groups(norm):
     """Whether `norm` names or is a GroupNorm-like layer class with a `groups` argument
     (not LN / IN, whose groups are fixed)."""
-    cls = factory._lookup(norm)[0] if isinstance(norm, str) else norm
+    cls = factory.lookup(norm)[0] if isinstance(norm, str) else norm
     if not inspect.isclass(cls) or issubclass(cls, (LayerNormAct, InstanceNormAct)):
         return False
     return any("groups" in inspect.signature(k.__init__).parameters
@@ -81,7 +81,7 @@ class LayerMaker:
                     f"`norm_kwargs` must not set {reserved!r}: the builder sets it for each layer "
                     f"(use the builder's `activation=` / `data_format=`). "
                     f"Received: norm_kwargs={norm_kwargs}")
-        if isinstance(norm, str) and factory._key(norm).endswith(_WS_SUFFIX):
+        if isinstance(norm, str) and factory.canonical_name(norm).endswith(_WS_SUFFIX):
             norm, weight_standardization = norm.strip()[:-len(_WS_SUFFIX)], True
         self.norm = norm
         self.data_format = data_format

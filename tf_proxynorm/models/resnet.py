@@ -73,6 +73,18 @@ def _validate(include_top, num_classes, pooling, input_shape, data_format):
     return input_shape
 
 
+def _stages(m, x, block, version, filters_per_stage, blocks_per_stage):
+    """The residual stages (stride 2 in the first block of every stage but the first),
+    then the final norm + activation of a pre-activation (v2) network."""
+    for stage, (filters, count) in enumerate(zip(filters_per_stage, blocks_per_stage), 1):
+        for b in range(1, count + 1):
+            strides = 2 if b == 1 and stage > 1 else 1
+            x = block(m, x, filters, strides, name=f"stage{stage}_block{b}")
+    if version == "v2":
+        x = m.norm_act(x, name="final_norm")
+    return x
+
+
 def _head(m, x, include_top, num_classes, pooling, classifier_activation):
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(data_format=m.data_format, name="avg_pool")(x)
@@ -133,12 +145,7 @@ def resnet(depth=50, version="v1.5", *, norm="bn", norm_kwargs=None, activation=
         x = m.conv(inputs, 64, 7, 2, name="stem_conv")
     x = keras.layers.MaxPooling2D(3, 2, padding="same", data_format=data_format,
                                   name="stem_pool")(x)
-    for stage, (filters, count) in enumerate(zip((64, 128, 256, 512), layers_per_stage), 1):
-        for b in range(1, count + 1):
-            strides = 2 if b == 1 and stage > 1 else 1
-            x = block(m, x, filters, strides, name=f"stage{stage}_block{b}")
-    if version == "v2":
-        x = m.norm_act(x, name="final_norm")
+    x = _stages(m, x, block, version, (64, 128, 256, 512), layers_per_stage)
     outputs = _head(m, x, include_top, num_classes, pooling, classifier_activation)
     if name is None:
         name = f"resnet{depth}" + ("v2" if version == "v2" else "")
@@ -193,12 +200,7 @@ def cifar_resnet(depth=20, width=1, *, version="v2", norm="bn", norm_kwargs=None
     else:
         x = m.conv(inputs, 16 * width, 3, name="stem_conv")
     block = blocks.basic_block_v1 if version == "v1" else blocks.basic_block_v2
-    for stage, filters in enumerate((16 * width, 32 * width, 64 * width), 1):
-        for b in range(1, per_stage + 1):
-            strides = 2 if b == 1 and stage > 1 else 1
-            x = block(m, x, filters, strides, name=f"stage{stage}_block{b}")
-    if version == "v2":
-        x = m.norm_act(x, name="final_norm")
+    x = _stages(m, x, block, version, (16 * width, 32 * width, 64 * width), (per_stage,) * 3)
     outputs = _head(m, x, include_top, num_classes, pooling, classifier_activation)
     return keras.Model(inputs, outputs, name=name or f"cifar_resnet{depth}")
 

@@ -15,11 +15,33 @@ def stats_dtype(dtype):
     return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
 
 
-def moments(x, axes, keepdims=False):
-    """Mean and biased variance of `x` over `axes`, computed in float32 at least."""
+def moments(x, axes, keepdims=False, synchronized=False):
+    """Mean and biased variance of `x` over `axes`, computed in float32 at least.
+
+    Args:
+        x: a tensor.
+        axes: the axes to reduce.
+        keepdims: keep the reduced axes with size 1.
+        synchronized: inside a `tf.distribute` replica context, reduce over the global
+            batch of every replica (the statistics of Keras' synchronized
+            `BatchNormalization`), still in two passes: one all-reduce of the sums and
+            counts for the mean, one of the squared deviations for the variance. Outside
+            a strategy this is the local computation.
+    """
     x = tf.cast(x, stats_dtype(x.dtype))
-    mean = tf.reduce_mean(x, axis=axes, keepdims=True)
-    var = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), axis=axes, keepdims=True)
+    replica = tf.distribute.get_replica_context() if synchronized else None
+    if replica is not None and replica.num_replicas_in_sync > 1:
+        local_count = tf.reduce_prod(tf.gather(tf.shape(x), axes))
+        count = replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(local_count, x.dtype))
+
+        def mean_of(values):
+            return replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(
+                values, axis=axes, keepdims=True)) / count
+    else:
+        def mean_of(values):
+            return tf.reduce_mean(values, axis=axes, keepdims=True)
+    mean = mean_of(x)
+    var = mean_of(tf.math.squared_difference(x, tf.stop_gradient(mean)))
     # The stop_gradient above is exact: d var / d mean = -2 mean(x - mean) = 0.
     if not keepdims:
         mean = tf.squeeze(mean, axes)
