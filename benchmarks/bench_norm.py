@@ -8,8 +8,10 @@ and of every parameter, with a fixed upstream gradient dy) of:
   tf.function (the proxy statistics are computed in TF at every call, as in training);
 - the same layer on the reference path (`implementation="reference"`) in a tf.function and
   under XLA (`jit_compile=True`);
-- `keras.layers.GroupNormalization` + ReLU (same groups; no PN) in a tf.function;
-- `keras.layers.BatchNormalization` + ReLU (training) in a tf.function;
+- the same layer without PN ("reference GN+ReLU XLA") under XLA: the XLA path of issue 15;
+- `keras.layers.GroupNormalization` + ReLU (same groups; no PN) in a tf.function and under
+  XLA ("Keras GN+ReLU XLA", the reference of the XLA targets);
+- `keras.layers.BatchNormalization` + ReLU (training) in a tf.function and under XLA;
 - `tf.compat.v1.nn.fused_batch_norm` (FusedBatchNormV3, training) + ReLU in a tf.function,
   the baseline of every ratio.
 
@@ -26,6 +28,7 @@ which is what the code reaches when other processes leave the cores alone.
     python benchmarks/bench_norm.py                        # every shape and norm (~5 min)
     python benchmarks/bench_norm.py --quick                # (8,56,56,256), GN only
     python benchmarks/bench_norm.py --shapes=8x56x56x256,2x56x56x256 --norms=gn,in
+    python benchmarks/bench_norm.py --xla                  # XLA candidates (+ fused, FBN)
 """
 
 import argparse
@@ -50,8 +53,13 @@ QUICK_SHAPES = ((8, 56, 56, 256),)
 NORMS = {"gn": 32, "ln": 1, "in": -1}  # groups of GroupNormAct (-1: one per channel)
 BASELINE = "FusedBatchNormV3+ReLU"
 FUSED = "fused GN+PN+ReLU"
-CANDIDATES = (FUSED, "reference GN+PN+ReLU", "reference GN+PN+ReLU XLA", "Keras GN+ReLU",
-              "Keras BN+ReLU", BASELINE)
+REF_XLA = "reference GN+PN+ReLU XLA"
+REF_GN_XLA = "reference GN+ReLU XLA"      # the XLA path without PN
+KERAS_GN_XLA = "Keras GN+ReLU XLA"
+CANDIDATES = (FUSED, "reference GN+PN+ReLU", REF_XLA, REF_GN_XLA, "Keras GN+ReLU",
+              KERAS_GN_XLA, "Keras BN+ReLU", "Keras BN+ReLU XLA", BASELINE)
+# Targets of issue 15 (the XLA path): ratio to Keras GroupNormalization+ReLU under XLA.
+XLA_TARGETS = ((REF_XLA, 1.0), (REF_GN_XLA, 0.9))
 COPY = "copy"
 FWD_PASSES, FWD_BWD_PASSES = 2, 5
 EPSILON = 1e-3
@@ -131,10 +139,17 @@ def make_candidates(shape, groups, names=CANDIDATES):
         "reference GN+PN+ReLU XLA": lambda: _layer_candidate(tfpn.GroupNormAct(
             groups=groups, proxy_norm=True, epsilon=EPSILON, implementation="reference"),
             shape, jit_compile=True),
+        REF_GN_XLA: lambda: _layer_candidate(tfpn.GroupNormAct(
+            groups=groups, epsilon=EPSILON, implementation="reference"), shape,
+            jit_compile=True),
         "Keras GN+ReLU": lambda: _layer_candidate(NormThenRelu(keras.layers.GroupNormalization(
             groups=keras_groups, epsilon=EPSILON)), shape),
+        KERAS_GN_XLA: lambda: _layer_candidate(NormThenRelu(keras.layers.GroupNormalization(
+            groups=keras_groups, epsilon=EPSILON)), shape, jit_compile=True),
         "Keras BN+ReLU": lambda: _layer_candidate(NormThenRelu(keras.layers.BatchNormalization(
             epsilon=EPSILON)), shape),
+        "Keras BN+ReLU XLA": lambda: _layer_candidate(NormThenRelu(
+            keras.layers.BatchNormalization(epsilon=EPSILON)), shape, jit_compile=True),
         BASELINE: lambda: _fused_batch_norm_candidate(shape),
     }
     return {name: builders[name]() for name in names}
@@ -198,6 +213,10 @@ def run(shapes, norms, repeats, names=CANDIDATES, out=sys.stdout):
                 result[key + "_ratio"] = {
                     n: float(np.median(t / base)) if base is not None else float("nan")
                     for n, t in times.items() if n != COPY}
+                keras_xla = times.get(KERAS_GN_XLA)
+                result[key + "_xla_ratio"] = {
+                    n: float(np.median(t / keras_xla)) if keras_xla is not None else float("nan")
+                    for n, t in times.items() if n != COPY}
             results.append(result)
             print_table(result, out)
     return results
@@ -254,6 +273,14 @@ def check_targets(result):
     return checks
 
 
+def check_xla_targets(result):
+    """The targets of the XLA path (issue 15) -> (description, value, met) for one result:
+    fwd+bwd ratio to Keras GroupNormalization+ReLU under XLA, median of per-round ratios."""
+    r = result["fwd_bwd_xla_ratio"]
+    return [(f"fwd+bwd {name} <= {limit:g}x {KERAS_GN_XLA}", f"{r[name]:.2f}x",
+             r[name] <= limit) for name, limit in XLA_TARGETS if name in r and KERAS_GN_XLA in r]
+
+
 def markdown(results):
     """The tables of docs/benchmarks.md: one row per (shape, norm)."""
     names = list(results[0]["fwd_ratio"]) if results else []
@@ -292,6 +319,8 @@ def main(argv=None):
                         help="timed rounds per candidate (default 15, 5 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke check: one shape (8x56x56x256), GN only, 5 rounds")
+    parser.add_argument("--xla", action="store_true",
+                        help="only the XLA candidates (issue 15), the fused op and the baseline")
     parser.add_argument("--markdown", action="store_true",
                         help="also print the summary table in Markdown")
     args = parser.parse_args(argv)
@@ -304,12 +333,14 @@ def main(argv=None):
     if repeats < 1:
         parser.error(f"--repeats must be >= 1. Received: --repeats={repeats}")
     if not tfpn.fused_op_available():
-        from tf_proxynorm import _custom_op
-        print(f"The fused op is unavailable ({_custom_op.unavailable_reason()}); "
+        print(f"The fused op is unavailable ({tfpn.fused.unavailable_reason()}); "
               "timing the other candidates only.")
         names = [n for n in CANDIDATES if n != FUSED]
     else:
         names = list(CANDIDATES)
+    if args.xla:
+        names = [n for n in names if n in (FUSED, REF_XLA, REF_GN_XLA, KERAS_GN_XLA,
+                                           "Keras BN+ReLU XLA", BASELINE)]
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, intra-op threads "
           f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}, "
           f"load average {os.getloadavg()[0]:.2f}; medians of {repeats} rounds; ratios "
@@ -322,6 +353,13 @@ def main(argv=None):
         for text, value, met in check_targets(r):
             print(f"  {'x'.join(map(str, r['shape'])):>12s} {r['norm'].upper():2s}  "
                   f"{'met ' if met else 'MISS'}  {text}: {value}")
+    if any(KERAS_GN_XLA in r["fwd_bwd"] for r in results):
+        print(f"\nTargets (issue 15: the XLA path, fwd+bwd, ratio to {KERAS_GN_XLA} in the "
+              "same rounds):")
+        for r in results:
+            for text, value, met in check_xla_targets(r):
+                print(f"  {'x'.join(map(str, r['shape'])):>12s} {r['norm'].upper():2s}  "
+                      f"{'met ' if met else 'MISS'}  {text}: {value}")
     if args.markdown:
         print("\n" + markdown(results))
     return results

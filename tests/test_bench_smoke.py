@@ -58,3 +58,23 @@ def test_quick_run_on_a_tiny_shape(bench, capsys):
     for name in expected:
         assert name in out
     assert "Targets" in out and "| 2x4x4x64 | IN |" in out
+
+
+@pytest.mark.slow
+def test_bench_step_runs_end_to_end_on_a_tiny_model(capsys):
+    """benchmarks/bench_step.py: whole training steps with and without XLA, ratios in one run."""
+    path = _PATH.with_name("bench_step.py")
+    spec = importlib.util.spec_from_file_location("bench_step", path)
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
+    summary = step.main(["--models=cifar_resnet20", "--norms=gn+pn,keras_gn", "--jit=both",
+                         "--cifar_batch=2", "--rounds=2", "--warmup=1"])
+    out = capsys.readouterr().out
+    assert sorted(summary) == sorted(
+        ("cifar_resnet20", norm, jit) for norm in ("gn+pn", "keras_gn") for jit in (True, False))
+    for (model, norm, jit), (seconds, vs_keras, _) in summary.items():
+        assert seconds > 0 and np.isfinite(vs_keras)
+        assert norm != "keras_gn" or vs_keras == 1.0
+    assert "cifar_resnet20, jit_compile=True" in out and "vs keras_gn" in out
+    with pytest.raises(SystemExit):
+        step.main(["--norms=batchnorm"])

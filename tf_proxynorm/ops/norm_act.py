@@ -2,15 +2,15 @@
 
 This is the middle tier: layers own the weights and call these functions; the functions
 hold the math. `group_norm_act` is the one place that chooses between the fused kernel
-(through `tf_proxynorm._custom_op`, the only module aware of the compiled library) and the
+(through `tf_proxynorm.fused`, the only code aware of the compiled library) and the
 XLA-compilable reference path written here.
 """
 
 import tensorflow as tf
 
-from tf_proxynorm import _custom_op, config
-from tf_proxynorm.ops import activations
-from tf_proxynorm.ops.stats import channel_axis, group_moments, moments, stats_dtype
+from tf_proxynorm import config, fused
+from tf_proxynorm.ops import activations, group_norm
+from tf_proxynorm.ops.stats import channel_axis, moments, stats_dtype
 
 
 def _per_channel(v, rank, axis, dtype):
@@ -42,15 +42,23 @@ def affine_act_proxy(y, gamma=None, beta=None, *, axis=-1, activation="relu",
 
 def group_norm_act_reference(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
                              activation="relu", proxy_mean=None, proxy_inv_std=None):
-    """Pure-TF (XLA-compilable) `group_norm_act`; the numerical target of the fused op."""
+    """Pure-TF (XLA-compilable) `group_norm_act`; the numerical target of the fused op.
+
+    ```python
+    y = act((x - mean) * (gamma * rsqrt(var + epsilon)) + beta)   # per (example, group)
+    if proxy_mean is not None: y = (y - proxy_mean) * proxy_inv_std
+    ```
+
+    Written for XLA (see `tf_proxynorm.ops.group_norm`): shifted per-(example, channel)
+    sums for the statistics, one elementwise pass for `y`, and a hand-derived,
+    twice-differentiable backward (two sums and one elementwise pass over `x` and `dy`).
+    The second derivative of the fused op differentiates this function.
+    """
     rank = x.shape.rank
     axis = channel_axis(rank, axis)
-    mean, var, to_channels = group_moments(x, axis, groups)
-    inv_std = tf.math.rsqrt(var + epsilon)
-    xf = tf.cast(x, mean.dtype)
-    y = (xf - to_channels(mean)) * to_channels(inv_std)
-    return affine_act_proxy(y, gamma, beta, axis=axis, activation=activation,
-                            proxy_mean=proxy_mean, proxy_inv_std=proxy_inv_std)
+    return group_norm.group_norm_act(
+        x, gamma, beta, groups=groups, axis=axis, epsilon=epsilon, activation=activation,
+        proxy_mean=proxy_mean, proxy_inv_std=proxy_inv_std)
 
 
 def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
@@ -83,15 +91,15 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
     implementation = config.resolve(implementation)
     if implementation != "reference":
         name = activations.canonical_name(activation)
-        if _custom_op.can_use_fused(x, name, axis):
+        if fused.can_use_fused(x, name, axis):
             ones = lambda v, fill: v if v is not None else tf.fill([x.shape[axis]], fill)  # noqa: E731
-            return _custom_op.group_norm_act(
+            return fused.group_norm_act(
                 x, ones(gamma, 1.0), ones(beta, 0.0), proxy_mean, proxy_inv_std,
                 groups=groups, axis=axis, epsilon=epsilon, activation=name)
         if implementation == "fused":
             raise ValueError(
                 "implementation='fused' was requested but the fused op cannot run here: "
-                f"{_custom_op.why_not_fused(x, name or activation, axis)}. Use "
+                f"{fused.why_not_fused(x, name or activation, axis)}. Use "
                 "implementation='auto' to fall back to the reference path.")
     return group_norm_act_reference(
         x, gamma, beta, groups=groups, axis=axis, epsilon=epsilon, activation=activation,
@@ -114,3 +122,29 @@ def batch_norm_act(x, mean, var, gamma=None, beta=None, *, axis=-1, epsilon=1e-3
     y = (tf.cast(x, dtype) - _per_channel(mean, rank, axis, dtype)) * _per_channel(
         tf.math.rsqrt(tf.cast(var, dtype) + epsilon), rank, axis, dtype)
     return affine_act_proxy(y, gamma, beta, axis=axis, activation=activation)
+
+
+@tf.RegisterGradient(fused.GRAD_OP_NAME)
+def _fused_second_order(op, *upstream):
+    """Second derivative of the fused op (e.g. gradient penalties): the gradient of the
+    backward op is that of the reference path's first gradient, recomputed here in
+    TensorFlow ops. `mean` / `inv_std` get no gradient: the reference recomputes them from
+    x, so their dependence on x is included."""
+    attrs = fused.op_attrs(op)
+    dy, x, gamma, beta, proxy_mean, proxy_inv_std = op.inputs[:6]
+    inputs = [dy, x, gamma, beta, proxy_mean, proxy_inv_std]
+    use_proxy = attrs["use_proxy"]
+    with tf.GradientTape() as outer:
+        outer.watch(inputs)
+        with tf.GradientTape() as inner:
+            inner.watch(inputs[1:])
+            y = group_norm_act_reference(
+                x, gamma, beta, groups=attrs["groups"], axis=-1 if attrs["channels_last"] else 1,
+                epsilon=attrs["epsilon"], activation=attrs["activation"],
+                proxy_mean=proxy_mean if use_proxy else None,
+                proxy_inv_std=proxy_inv_std if use_proxy else None)
+        first = inner.gradient(y, inputs[1:], output_gradients=tf.cast(dy, y.dtype),
+                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        total = tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32) * tf.cast(u, tf.float32))
+                          for g, u in zip(first, upstream) if u is not None] or [tf.constant(0.0)])
+    return outer.gradient(total, inputs) + [None, None]
