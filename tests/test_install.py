@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import textwrap
 import zipfile
 from importlib import metadata
 from pathlib import Path
