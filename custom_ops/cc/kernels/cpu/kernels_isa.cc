@@ -1,5 +1,5 @@
 // The CPU loops of GroupNormAct and its gradient, compiled once per instruction set:
-// tf_proxynorm/build.py compiles this file with -DTFPN_ISA=generic (no -m flags), and on
+// tf_proxynorm/fused/build.py compiles this file with -DTFPN_ISA=generic (no -m flags), and on
 // x86-64 also with -DTFPN_ISA=avx2 (-mavx2 -mfma -mf16c) and -DTFPN_ISA=avx512; the
 // TensorFlow kernel picks one table at run time from the CPU's features. Everything lives
 // in a namespace named after the ISA and no header with inline code is shared with other
