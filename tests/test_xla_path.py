@@ -22,7 +22,7 @@ import reference as R
 import reference_fused as RF
 import tf_proxynorm as tfpn
 from test_fused_op import (CASES, POLICY, TOL, _case_id, _geometry, _raw_inputs, assert_close,
-                           quantize)
+                           quantize, reference_layer_gradients)
 from tf_proxynorm.ops.norm_act import group_norm_act_reference
 
 PARAMS = ("gamma", "beta", "proxy_beta", "proxy_gamma")
@@ -170,23 +170,12 @@ def _xla_layer_and_reference(case, rng):
         return y, tape.gradient(loss, [x] + layer.trainable_weights)
 
     y, grads = step(x_t)
-    ref_vars = {name: tf.constant(v, tf.float64) for name, v in values.items()}
-    x64 = tf.constant(x_q)
-    with tf.GradientTape() as tape:
-        tape.watch([x64] + list(ref_vars.values()))
-        ref_y = RF.layer_tf64(
-            x64, ref_vars.get("gamma"), ref_vars.get("beta"), ref_vars.get("proxy_beta"),
-            ref_vars.get("proxy_gamma"), groups=groups, axis=case["axis"], epsilon=1e-3,
-            activation=case["activation"])
-        ref_loss = tf.reduce_sum(ref_y * w_q)
-    names = [weight.name for weight in layer.trainable_weights]
-    ref_grads = tape.gradient(ref_loss, [x64] + [ref_vars[n] for n in names])
-    return y, ref_y, ["x"] + names, grads, ref_grads
+    return (y, grads) + reference_layer_gradients(case, groups, x_q, w_q, values, layer)
 
 
 def _check_case(case):
     rng = np.random.default_rng(len(_case_id(case)) + 2)
-    y, ref_y, names, grads, ref_grads = _xla_layer_and_reference(case, rng)
+    y, grads, ref_y, names, ref_grads = _xla_layer_and_reference(case, rng)
     tol = TOL[case["dtype"]]
     assert y.dtype == tf.as_dtype(case["dtype"])
     assert_close(y, ref_y.numpy(), tol, "y")
