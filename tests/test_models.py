@@ -341,6 +341,9 @@ def _needs_its_conv(norm):
 
 @pytest.mark.parametrize("builder, norm", GRID)
 def test_every_builder_and_norm_trains_one_step(rng, builder, norm):
+    # Seeded initializers: with "pn" alone (no normalization) an 18-layer net's early updates
+    # can fall below float32 resolution for an unlucky unseeded draw (seen once in CI).
+    keras.utils.set_random_seed(0)
     build = {**BUILDERS, **SLOW_BUILDERS}[builder]
     kwargs = dict(norm=norm, norm_kwargs=_norm_kwargs(norm), num_classes=3,
                   classifier_activation=None)
