@@ -161,7 +161,9 @@ def test_raw_op_forward_side_outputs_and_gradients(raw, case):
               case["dtype"], center, scale)
 
 
-def _layer_and_reference_gradients(case, rng, implementation):
+def case_layer_and_inputs(case, rng, implementation):
+    """A built GroupNormAct for `case` with random weights, its inputs and a loss weight:
+    `(layer, weight values, groups, x, x quantized to float64, w, w quantized)`."""
     shape, groups, _ = _geometry(case)
     center, scale = case["affine"]
     dtype = case["dtype"]
@@ -178,13 +180,18 @@ def _layer_and_reference_gradients(case, rng, implementation):
     x_t, x_q = _raw_inputs(rng, shape, dtype)
     w = rng.standard_normal(shape).astype("float32")
     _, w_q = quantize(w, dtype)
+    return layer, values, groups, x_t, x_q, w, w_q
+
+
+def _layer_and_reference_gradients(case, rng, implementation):
+    layer, values, groups, x_t, x_q, w, w_q = case_layer_and_inputs(case, rng, implementation)
 
     with tf.GradientTape() as tape:
         tape.watch(x_t)
         y = layer(x_t)
         loss = tf.reduce_sum(tf.cast(y, tf.float32) * w)
     grads = tape.gradient(loss, [x_t] + layer.trainable_weights)
-    assert y.dtype == tf.as_dtype(dtype)
+    assert y.dtype == tf.as_dtype(case["dtype"])
 
     return (y, grads) + reference_layer_gradients(case, groups, x_q, w_q, values, layer)
 

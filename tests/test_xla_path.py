@@ -21,8 +21,8 @@ import tensorflow as tf
 import reference as R
 import reference_fused as RF
 import tf_proxynorm as tfpn
-from test_fused_op import (CASES, POLICY, TOL, _case_id, _geometry, _raw_inputs, assert_close,
-                           quantize, reference_layer_gradients)
+from test_fused_op import (CASES, TOL, _case_id, assert_close, case_layer_and_inputs,
+                           reference_layer_gradients)
 from tf_proxynorm.ops.norm_act import group_norm_act_reference
 
 PARAMS = ("gamma", "beta", "proxy_beta", "proxy_gamma")
@@ -144,22 +144,7 @@ def test_unknown_batch_and_spatial_sizes(rng, axis):
 # -- the layer under jit_compile=True over the pairwise grid of test_fused_op --------------
 
 def _xla_layer_and_reference(case, rng):
-    shape, groups, _ = _geometry(case)
-    center, scale = case["affine"]
-    dtype = case["dtype"]
-    layer = tfpn.GroupNormAct(
-        groups=groups, activation=case["activation"], proxy_norm=case["proxy"],
-        axis=case["axis"], center=center, scale=scale, implementation="auto",
-        dtype=POLICY[dtype])
-    layer.build(shape)
-    values = {}
-    for weight in layer.trainable_weights:
-        base = 1.0 if weight.name == "gamma" else 0.0
-        values[weight.name] = (base + 0.3 * rng.standard_normal(weight.shape)).astype("float32")
-        weight.assign(values[weight.name])
-    x_t, x_q = _raw_inputs(rng, shape, dtype)
-    w = rng.standard_normal(shape).astype("float32")
-    _, w_q = quantize(w, dtype)
+    layer, values, groups, x_t, x_q, w, w_q = case_layer_and_inputs(case, rng, "auto")
 
     @tf.function(jit_compile=True)
     def step(x):
