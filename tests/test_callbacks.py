@@ -158,7 +158,7 @@ def test_relative_loss_probe_restores_weights_bit_identically(rng):
     model = _cnn()
     x, y = _data(rng)
     before = _bits(model)
-    probe = ScaleProbe(model, "sparse_categorical_crossentropy", per_example=4,
+    probe = ScaleProbe(model, _logits_ce, per_example=4,
                        alphas=(1e-3, 0.37, 3.0))
     record, _ = probe.measure(x, y)
     assert abs(record["relative_loss"][3.0] - 1.0) > 1e-3   # the probe did move the weights
@@ -167,7 +167,7 @@ def test_relative_loss_probe_restores_weights_bit_identically(rng):
 
 
 def _fit(model, x, y, callbacks, epochs=2, jit_compile=True):
-    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy",
+    model.compile(keras.optimizers.SGD(0.05), _logits_ce,
                   jit_compile=jit_compile)
     return model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0,
                      callbacks=callbacks)
@@ -312,7 +312,7 @@ def test_runs_when_tensorboard_and_matplotlib_cannot_be_imported(tmp_path):
         h = tfpn.get_norm_act_layer("gn+pn", groups=2, name="norm1")(h)
         h = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(h))
         model = keras.Model(inputs, h)
-        model.compile("sgd", "sparse_categorical_crossentropy")
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         cbs = [tfpn.callbacks.FailureModeMonitor(x, log_dir={str(tmp_path)!r}),
                tfpn.callbacks.GradientScaleMonitor((x[:4], y[:4]), log_dir={str(tmp_path)!r},
                                                    per_example=2)]
@@ -374,7 +374,7 @@ def test_mirrored_strategy(tmp_path):
             h = tfpn.get_norm_act_layer("bn", name="norm2")(h)
             h = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(h))
             model = keras.Model(inputs, h)
-            model.compile("sgd", "sparse_categorical_crossentropy")
+            model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         fm = tfpn.callbacks.FailureModeMonitor(x[:16], log_dir={str(tmp_path)!r})
         gs = tfpn.callbacks.GradientScaleMonitor((x[:8], y[:8]), log_dir={str(tmp_path)!r},
                                                  per_example=2)
