@@ -40,10 +40,10 @@ demo: setup data build
 	$(PY) examples/demo.py --data_dir $(DATA_DIR)
 
 test: setup build
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
 
 test-fast: setup build
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
 
 bench: setup build
 	$(PY) benchmarks/bench_norm.py

@@ -190,38 +190,21 @@ def _assert_cpu_kernels_correct(found):
         assert error < 2e-5, f"{name}: max error {error}"
 
 
-@pytest.fixture(scope="module")
-def gpu_build(tmp_path_factory):
-    """One GPU-enabled build (TF_PROXYNORM_BUILD_CUDA=1) shared by the tests below, for the
-    oldest and the newest default architecture (all five take about 3 minutes on 2 cores;
-    the default list itself is checked by the policy tests above)."""
-    cache = tmp_path_factory.mktemp("tfpn_gpu_cache")
-    library, stamp, _ = _build(cache, TF_PROXYNORM_BUILD_CUDA="1",
-                               TF_PROXYNORM_CUDA_ARCHS=f"{DEFAULT[0]},{DEFAULT[-1]}")
-    return library, stamp, _inspect(library, cache)
-
-
 @pytest.mark.slow
-@pytest.mark.xdist_group("gpu_build")  # one build per run (make test: --dist loadgroup)
 @needs_nvcc
-def test_gpu_library_registers_cpu_and_gpu_kernels(gpu_build):
-    _, _, found = gpu_build
+def test_gpu_enabled_build_registers_both_devices_and_keeps_correct_cpu_kernels(tmp_path):
+    """One GPU-enabled build (TF_PROXYNORM_BUILD_CUDA=1), for the oldest and the newest
+    default architecture (all five take minutes more on 2 cores; the default list itself is
+    checked by the policy tests above). One test, so that a run builds it once: it registers
+    CPU and GPU kernels for every dtype, its CPU kernels still compute the reference values,
+    and its stamp records the CUDA build."""
+    library, stamp, _ = _build(tmp_path, TF_PROXYNORM_BUILD_CUDA="1",
+                               TF_PROXYNORM_CUDA_ARCHS=f"{DEFAULT[0]},{DEFAULT[-1]}")
+    found = _inspect(library, tmp_path)
     for op, kernels in found["kernels"].items():
         assert kernels == sorted([d, t] for d in ("CPU", "GPU") for t in ALL_TYPES), op
+    _assert_cpu_kernels_correct(found)
 
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("gpu_build")  # one build per run (make test: --dist loadgroup)
-@needs_nvcc
-def test_cpu_kernels_still_correct_in_the_gpu_library(gpu_build):
-    _assert_cpu_kernels_correct(gpu_build[2])
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("gpu_build")  # one build per run (make test: --dist loadgroup)
-@needs_nvcc
-def test_stamp_records_the_cuda_build(gpu_build):
-    library, stamp, _ = gpu_build
     recorded = stamp["cuda_build"]
     version, number = cuda.nvcc_version(NVCC)
     assert recorded["nvcc_version"] == version and recorded["cuda_version"] == number
