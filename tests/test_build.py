@@ -194,7 +194,26 @@ BAD_SETUPS = {
                          f"not writable .* Set {settings.ENV_CACHE_DIR} to a writable folder"),
     "missing source dir": (lambda tmp: {settings.ENV_SOURCE_DIR: str(tmp / "no-such-folder")},
                            f"sources were not found in .*no-such-folder .*{settings.ENV_SOURCE_DIR}"),
+    "unknown CPU ISA": (lambda tmp: {settings.ENV_CPU_ISAS: "avx2,sse4"},
+                        f"{settings.ENV_CPU_ISAS} must list some of generic, avx2, avx512. "
+                        f"Received: {settings.ENV_CPU_ISAS}='avx2,sse4'"),
 }
+
+
+@pytest.mark.parametrize("machine, value, expected", [
+    ("x86_64", None, ["generic", "avx2", "avx512"]),
+    ("x86_64", "", ["generic", "avx2", "avx512"]),
+    ("x86_64", "generic", ["generic"]),
+    ("AMD64", "AVX512", ["generic", "avx512"]),
+    ("x86_64", "avx512, avx2", ["generic", "avx2", "avx512"]),
+    ("aarch64", "avx2", ["generic"]),
+])
+def test_cpu_isas_setting(monkeypatch, machine, value, expected):
+    if value is None:
+        monkeypatch.delenv(settings.ENV_CPU_ISAS, raising=False)
+    else:
+        monkeypatch.setenv(settings.ENV_CPU_ISAS, value)
+    assert settings.cpu_isas(machine) == expected
 
 
 @pytest.mark.slow
@@ -287,7 +306,10 @@ def test_two_processes_building_at_once_both_end_with_a_working_library(tmp_path
     cache = tmp_path / "cache"
     env = {k: v for k, v in os.environ.items()
            if k not in ("TF_PROXYNORM_IMPLEMENTATION", "TF_PROXYNORM_NO_BUILD")}
-    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", settings.ENV_CACHE_DIR: str(cache)})
+    # The generic CPU kernels only (TF_PROXYNORM_CPU_ISAS): the locking is what is tested,
+    # and the build takes half the time.
+    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", settings.ENV_CACHE_DIR: str(cache),
+                settings.ENV_CPU_ISAS: "generic"})
     lazy = textwrap.dedent("""
         import json
         import numpy as np
@@ -313,8 +335,9 @@ def test_two_processes_building_at_once_both_end_with_a_working_library(tmp_path
     assert result["err"] < 1e-5
     built = Path(result["path"])
     assert str(built) in outs[0][0] and built.parent.parent == cache
-    assert build.check_stamp(built.parent, build.BuildConfig(
-        **json.loads((built.parent / build.STAMP_NAME).read_text())["config"])) is None
+    config = json.loads((built.parent / build.STAMP_NAME).read_text())["config"]
+    assert build.check_stamp(built.parent, build.BuildConfig(**config)) is None
+    assert config["isas"] == ["generic"]
     # One compilation, nothing half-written left behind.
     log = (built.parent / build.LOG_NAME).read_text()
     assert log.count("# tf_proxynorm build of") == 1

@@ -154,8 +154,9 @@ _INSPECT = textwrap.dedent("""
 
 
 def _env(cache, **extra):
+    # Generic CPU kernels only (TF_PROXYNORM_CPU_ISAS): the GPU step is what is tested here.
     env = dict(os.environ, TF_PROXYNORM_CACHE_DIR=str(cache), TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONWARNINGS="default")
+               PYTHONWARNINGS="default", TF_PROXYNORM_CPU_ISAS="generic")
     env.pop("TF_PROXYNORM_NO_BUILD", None)
     env.update(extra)
     return env

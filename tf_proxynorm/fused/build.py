@@ -100,11 +100,6 @@ def _hash_sources(src, with_cuda):
     return digest.hexdigest()
 
 
-def _isas():
-    machine = platform.machine().lower()
-    return ["generic", "avx2", "avx512"] if machine in ("x86_64", "amd64") else ["generic"]
-
-
 @dataclasses.dataclass
 class BuildConfig:
     """Everything a library depends on; `key` names its cache directory."""
@@ -153,7 +148,7 @@ def current_config():
         compiler=os.path.basename(compiler) if compiler else "",
         compiler_version=version or "",
         source_hash=_hash_sources(src, with_cuda=cuda_config is not None),
-        isas=_isas(),
+        isas=settings.cpu_isas(platform.machine()),
         cuda=cuda_config,
         machine=platform.machine(),
     )

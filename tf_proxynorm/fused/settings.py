@@ -5,6 +5,9 @@
     TF_PROXYNORM_BUILD_CUDA  `auto` (default: GPU kernels when nvcc is found and TensorFlow
                              sees a GPU), `1` (always; an error without nvcc) or `0` (CPU only).
     TF_PROXYNORM_CUDA_ARCHS  compute capabilities of the GPU kernels (default 75,80,86,89,90).
+    TF_PROXYNORM_CPU_ISAS    x86-64 CPU kernel variants, chosen per machine at run time
+                             (default generic,avx2,avx512; `generic` is always built: e.g.
+                             `generic` alone builds about twice as fast).
     TF_PROXYNORM_SOURCE_DIR  a `custom_ops/` folder to build from (default: the sources
                              installed with the package, else the checkout's).
     CXX                      the C++ compiler (default: g++, then c++, then clang++).
@@ -23,9 +26,11 @@ ENV_NO_BUILD = "TF_PROXYNORM_NO_BUILD"
 ENV_BUILD_CUDA = "TF_PROXYNORM_BUILD_CUDA"
 ENV_CUDA_ARCHS = "TF_PROXYNORM_CUDA_ARCHS"
 ENV_SOURCE_DIR = "TF_PROXYNORM_SOURCE_DIR"
+ENV_CPU_ISAS = "TF_PROXYNORM_CPU_ISAS"
 ENV_CXX = "CXX"
 
 DEFAULT_CUDA_ARCHS = ("75", "80", "86", "89", "90")
+X86_ISAS = ("generic", "avx2", "avx512")
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 # Where a wheel carries the sources (setup.py copies `custom_ops/` there), and where an
@@ -80,6 +85,20 @@ def cuda_archs():
             raise BuildError(f"{ENV_CUDA_ARCHS} must list compute capabilities like `75,80,90`. "
                              f"Received: {ENV_CUDA_ARCHS}={env!r}")
     return sorted(set(requested or DEFAULT_CUDA_ARCHS), key=int)
+
+
+def cpu_isas(machine):
+    """The CPU kernel variants to build for `machine` (platform.machine()): `generic` only
+    off x86-64; on x86-64 `generic` plus those of TF_PROXYNORM_CPU_ISAS (default: all)."""
+    if machine.lower() not in ("x86_64", "amd64"):
+        return ["generic"]
+    env = os.environ.get(ENV_CPU_ISAS, "").strip()
+    requested = {a.strip().lower() for a in re.split(r"[,; ]+", env) if a.strip()}
+    if requested - set(X86_ISAS):
+        raise BuildError(f"{ENV_CPU_ISAS} must list some of {', '.join(X86_ISAS)}. "
+                         f"Received: {ENV_CPU_ISAS}={env!r}")
+    requested = (requested or set(X86_ISAS)) | {"generic"}
+    return [isa for isa in X86_ISAS if isa in requested]
 
 
 def compiler_candidates():
