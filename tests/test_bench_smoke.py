@@ -1,8 +1,12 @@
-"""Smoke test of benchmarks/bench_norm.py: it runs end to end on a tiny shape and reports
-what it claims (the timings themselves are checked by reading the benchmark, not here)."""
+"""Smoke tests of benchmarks/bench_norm.py and bench_jax.py: they run end to end on a tiny
+shape and report what they claim (the timings themselves are checked by reading the
+benchmark, not here)."""
 
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -78,3 +82,18 @@ def test_bench_step_runs_end_to_end_on_a_tiny_model(capsys):
     assert "cifar_resnet20, jit_compile=True" in out and "vs keras_gn" in out
     with pytest.raises(SystemExit):
         step.main(["--norms=batchnorm"])
+
+
+def test_bench_jax_runs_on_a_tiny_shape_under_the_jax_backend():
+    """benchmarks/bench_jax.py in a JAX-backend process: every candidate timed, one row
+    per (shape, norm), the target line printed."""
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run(
+        [sys.executable, str(_PATH.parent / "bench_jax.py"), "--shapes=2x4x4x64",
+         "--norms=gn,ln", "--rounds=2", "--markdown"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode in (0, 1), out.stderr[-3000:]   # 1: a target missed (timing noise)
+    assert "JAX " in out.stdout
+    for norm in ("GN", "LN"):
+        assert f"| 2x4x4x64 | {norm} |" in out.stdout
+    assert out.stdout.count("tfpn GN+PN+ReLU <= 1.0x Keras GN+ReLU") == 2
