@@ -6,6 +6,7 @@ See docs/export.md for what is and is not portable.
 import contextlib
 import os
 
+import keras
 from tensorflow.core.protobuf import saved_model_pb2
 
 from tf_proxynorm import _graph, config
@@ -69,6 +70,11 @@ def export_saved_model(model, path, fold=True, verbose=False):
         The model that was traced (the folded model when `fold` folded something).
 
     Raises:
+        RuntimeError: on a Keras backend other than TensorFlow. With JAX,
+            `tfpn.fold_for_inference(model).export(path, format="tf_saved_model")` (Keras'
+            own export, through jax2tf) writes a SavedModel that `tf.saved_model.load`
+            reads without tf_proxynorm; its graph is one `XlaCallModule` op (StableHLO)
+            rather than TensorFlow ops.
         ValueError: when `fold` is set for a subclassed model that holds Proxy Norm layers.
         RuntimeError: if the written graph still holds a fused-op node.
 
@@ -78,6 +84,15 @@ def export_saved_model(model, path, fold=True, verbose=False):
     >>> served = tf.saved_model.load("/tmp/served")      # no tf_proxynorm needed
     >>> served.serve(images)
     """
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            "export_saved_model needs the TensorFlow backend (it traces the model into "
+            "TensorFlow ops and checks the graph). On another backend, "
+            "`tfpn.fold_for_inference(model).export(path, format=\"tf_saved_model\")` "
+            "writes a SavedModel through Keras' own export (with JAX: jax2tf, the model as "
+            "one XlaCallModule op, which `tf.saved_model.load` reads), or set "
+            f"KERAS_BACKEND=tensorflow. Received: backend={backend!r}")
     if fold and _graph.contains(model, is_proxy_layer):
         model = fold_for_inference(model)
     with _all_layers_on_reference(model):

@@ -63,10 +63,15 @@ def _bias_is_exact(layer):
     return layer.padding == "valid" or all(k == 1 for k in layer.kernel_size)
 
 
+def _float64(value):
+    """A variable or tensor of any backend as a float64 NumPy array."""
+    return np.asarray(keras.ops.convert_to_numpy(value), dtype=np.float64)
+
+
 def _fold_weights(layer, scale, shift):
     """Kernel and bias of `layer` applied to `scale * x + shift` (shift may be None)."""
-    kernel = layer.kernel.numpy().astype(np.float64)
-    bias = (layer.bias.numpy().astype(np.float64) if layer.use_bias
+    kernel = _float64(layer.kernel)
+    bias = (_float64(layer.bias) if layer.use_bias
             else np.zeros(kernel.shape[-1] * (kernel.shape[-2] if type(layer) in _DEPTHWISE
                                               else 1)))
     scale = scale.astype(np.float64)
@@ -115,7 +120,7 @@ class _Folder:
     # -- the PN layer ----------------------------------------------------------------------
     def _fold_pn(self, node, args, kwargs, rewriter):
         layer = node.operation
-        mean, inv_std = (t.numpy().astype(np.float64) for t in layer.proxy_statistics())
+        mean, inv_std = (_float64(t) for t in layer.proxy_statistics())
         scale, shift = inv_std, -mean * inv_std
         if self.graph.num_calls(layer) > 1:
             if id(layer) not in self._shared:
@@ -244,7 +249,8 @@ def _without_proxy(layer, offset=None):
     else:
         new = type(layer).from_config({**layer.get_config(), "proxy_norm": False})
         pairs = (("gamma", layer.gamma), ("beta", layer.beta))
-    return _CopyOnFirstCall(new, {k: np.asarray(v) for k, v in pairs if v is not None})
+    return _CopyOnFirstCall(new, {k: keras.ops.convert_to_numpy(v) for k, v in pairs
+                                  if v is not None})
 
 
 def _affine_layer(layer, scale, offset, suffix):

@@ -7,6 +7,11 @@ of activations and gradients, logged to Keras `logs`, TensorBoard, JSON and PNG 
 - `GradientScaleMonitor` / `gradient_scale`: activation growth, gradient scale and tails,
   per-example gradient alignment, relative loss after one step, output concentration and
   channel conditioning (Bjorck et al. 2018).
+
+The measurements are `keras.ops` code on the model's own calls: `FailureModeMonitor` and
+`power_decomposition` run on every Keras backend (compiled with `tf.function` on
+TensorFlow, `jax.jit` on JAX, eagerly on PyTorch); the gradient measurements run on the
+TensorFlow and JAX backends.
 """
 
 from tf_proxynorm.callbacks._probe import (LayerProbe, normalized_output,

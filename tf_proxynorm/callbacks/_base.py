@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_proxynorm.callbacks import _output
+from tf_proxynorm.callbacks import _backend, _output
 
 
 def _check_frequency(name, value):
@@ -30,19 +30,20 @@ def split_data(data):
 
 
 def batches(data, batch_size, max_batches):
-    """Yields model inputs `x` from an array/tensor/tuple or a `tf.data.Dataset`."""
+    """Yields model inputs `x` from an array/tensor/tuple or a `tf.data.Dataset` (its
+    elements as NumPy arrays on the backends other than TensorFlow)."""
     if isinstance(data, tf.data.Dataset):
         for i, element in enumerate(data):
             if max_batches is not None and i >= max_batches:
                 return
-            yield split_data(element)[0]
+            yield _backend.to_inputs(split_data(element)[0])
         return
     x, _ = split_data(data)
-    n = int(tf.nest.flatten(x)[0].shape[0])
+    n = int(keras.tree.flatten(x)[0].shape[0])
     for i, start in enumerate(range(0, n, batch_size)):
         if max_batches is not None and i >= max_batches:
             return
-        yield tf.nest.map_structure(lambda t, s=start: t[s:s + batch_size], x)
+        yield keras.tree.map_structure(lambda t, s=start: t[s:s + batch_size], x)
 
 
 def check_data(data, max_batches):
@@ -53,7 +54,7 @@ def check_data(data, max_batches):
                              "Received: max_batches=None")
         return
     x, _ = split_data(data)
-    flat = tf.nest.flatten(x)
+    flat = keras.tree.flatten(x)
     if not flat or not hasattr(flat[0], "shape") or len(flat[0].shape) < 1:
         raise ValueError("`data` must be an array, a tensor, a tuple `(x, y)` or a "
                          f"tf.data.Dataset. Received: data of type {type(data).__name__}")
@@ -95,6 +96,7 @@ class StatisticsCallback(keras.callbacks.Callback):
         self._step = 0
         self._epoch = 0
         self._measured_step = -1
+        self._epoch_start_step = 0
 
     # -- subclass API ------------------------------------------------------------------------
     def _setup(self):
@@ -134,15 +136,23 @@ class StatisticsCallback(keras.callbacks.Callback):
 
     def _current_step(self):
         """The optimizer's iteration count (exact under `steps_per_execution`), else the
-        number of `on_train_batch_end` calls."""
+        number of `on_train_batch_end` calls. (On JAX, `self.model` first brings the
+        training state back onto the model's variables.)"""
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is not None and getattr(optimizer, "iterations", None) is not None:
-            return int(optimizer.iterations.numpy())
+            return int(_backend.to_numpy(optimizer.iterations.value))
         return self._step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # On JAX the variables are detached from the model during an epoch (reading them
+        # forces a state sync), so the steps are counted from the epoch's first step and
+        # the batch index Keras passes, exact under `steps_per_execution` too.
+        if self.every_n_steps and _backend.backend() == "jax":
+            self._epoch_start_step = self._current_step()
 
     def on_train_begin(self, logs=None):
         self.records = []
-        self._step = self._current_step()
+        self._step = self._epoch_start_step = self._current_step()
         self._epoch = 0
         self._latest = {}
         if self.log_dir is not None:
@@ -165,7 +175,10 @@ class StatisticsCallback(keras.callbacks.Callback):
         self._step += 1
         if not self.every_n_steps:
             return
-        self._step = self._current_step()
+        if _backend.backend() == "jax":
+            self._step = self._epoch_start_step + batch + 1
+        else:
+            self._step = self._current_step()
         if self._step // self.every_n_steps > max(self._measured_step, 0) // self.every_n_steps:
             values = self._run(f"step {self._step}")
             if logs is not None:

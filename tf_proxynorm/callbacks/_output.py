@@ -62,7 +62,9 @@ class JsonLog:
 
 
 class TensorBoardLog:
-    """Scalars and histograms into a TensorBoard event directory."""
+    """Scalars and histograms into a TensorBoard event directory, with `tf.summary` on
+    every Keras backend (TensorFlow is installed with the package); it is fed Python
+    floats and NumPy arrays only."""
 
     def __init__(self, logdir):
         self.logdir = logdir
@@ -71,8 +73,8 @@ class TensorBoardLog:
     def write(self, step, scalars, histograms=None):
         with self.writer.as_default(step=int(step)):
             for tag, value in scalars.items():
-                if value is not None and math.isfinite(value):
-                    tf.summary.scalar(tag, value)
+                if value is not None and math.isfinite(float(value)):
+                    tf.summary.scalar(tag, float(value))
             for tag, values in (histograms or {}).items():
                 tf.summary.histogram(tag, np.asarray(values, np.float32))
         self.writer.flush()

@@ -10,10 +10,10 @@ normalization layers with the functions registered here.
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm.ops.norm_act import batch_norm_act, group_norm_act_reference
-from tf_proxynorm.ops.stats import moments
+from tf_proxynorm.ops.stats import moments, stats_dtype
 
 # (layer class, function(layer, inputs, training) -> y, function(layer) -> channel axis).
 _NORMALIZERS = []
@@ -44,7 +44,7 @@ def _group_norm(layer, x, training):
 
 
 def _batch_norm(layer, x, training):
-    rank = x.shape.rank
+    rank = len(x.shape)
     if training and layer.trainable:
         mean, var = moments(x, [a for a in range(rank) if a != layer.axis % rank])
     else:
@@ -55,11 +55,12 @@ def _batch_norm(layer, x, training):
 def _layer_norm(layer, x, training):
     del training
     axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
-    x = tf.cast(x, "float32") if x.dtype != tf.float64 else x
+    x = ops.convert_to_tensor(x)
+    x = ops.cast(x, stats_dtype(x.dtype))
     if layer.rms_scaling:
-        return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axes, keepdims=True) + layer.epsilon)
+        return x * ops.rsqrt(ops.mean(ops.square(x), axis=axes, keepdims=True) + layer.epsilon)
     mean, var = moments(x, axes, keepdims=True)
-    return (x - mean) * tf.math.rsqrt(var + layer.epsilon)
+    return (x - mean) * ops.rsqrt(var + layer.epsilon)
 
 
 def _layer_norm_axis(layer):
@@ -140,8 +141,9 @@ class LayerProbe:
             allowed).
 
     Calling `probe(x, training=False)` returns `(values, model_output)`, `values` a list
-    aligned with `taps`. Nothing of the model is changed; call it inside a `tf.function`
-    for speed. A layer called several times is read at its first call.
+    aligned with `taps`. Nothing of the model is changed; call it inside a compiled
+    function for speed (`tf.function`, `jax.jit`: see `_backend.compile_model_function`).
+    A layer called several times is read at its first call. Works on every backend.
     """
 
     def __init__(self, model, taps):
@@ -158,7 +160,9 @@ class LayerProbe:
             return None
         try:
             tensors = [getattr(layer, what) for layer, what in self.taps]
-            return keras.Model(self.model.inputs, [tensors, self.model.outputs])
+            # `model.input`: the inputs' own structure (a tensor, list or dict), as the
+            # model is called.
+            return keras.Model(self.model.input, [tensors, self.model.outputs])
         except (AttributeError, ValueError, TypeError):
             return None
 

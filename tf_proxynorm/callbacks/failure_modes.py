@@ -9,9 +9,7 @@ variability.
 
 import os
 
-import tensorflow as tf
-
-from tf_proxynorm.callbacks import _base, _output, _probe
+from tf_proxynorm.callbacks import _backend, _base, _output, _probe
 from tf_proxynorm.callbacks.power import POWER_METRICS, PowerAccumulator, instance_statistics
 
 
@@ -43,7 +41,8 @@ class PowerProbe:
         training: for batch normalizations, use the batch statistics of each batch (True)
             or the moving statistics (False, inference mode). The model runs with this
             `training` flag; with True its non-trainable variables (BatchNorm moving
-            statistics) are restored after each batch, so the model is left unchanged.
+            statistics) are left unchanged (restored after each batch on TensorFlow,
+            never assigned on the other backends).
         include_convs: also decompose the outputs of convolution and dense layers.
         layers: names of the layers to monitor (default: every normalization).
 
@@ -66,7 +65,8 @@ class PowerProbe:
         self.probe = _probe.LayerProbe(
             model, [(layer, "input" if kind == "norm" else "output")
                     for layer, kind in self.selected])
-        self._stats = tf.function(self._statistics, reduce_retracing=True)
+        # tf.function on TensorFlow, jax.jit of the variables' values on JAX, eager else.
+        self._stats = _backend.compile_model_function(self._statistics, model)
 
     def _statistics(self, x):
         values, _ = self.probe(x, training=self.training)
@@ -81,12 +81,15 @@ class PowerProbe:
 
     def measure(self, batches):
         accumulators = [PowerAccumulator() for _ in self.selected]
+        # Only TensorFlow's traced call may assign the moving statistics (the other
+        # backends run it statelessly): they are restored after each batch.
+        restore = self.training and _backend.backend() == "tensorflow"
         saved = ([v.numpy() for v in self.model.non_trainable_variables]
-                 if self.training else None)
+                 if restore else None)
         try:
             for x in batches:
                 for acc, stats in zip(accumulators, self._stats(x)):
-                    acc.update(*(s.numpy() for s in stats))
+                    acc.update(*(_backend.to_numpy(s) for s in stats))
                 if saved is not None:
                     for v, value in zip(self.model.non_trainable_variables, saved):
                         v.assign(value)
@@ -108,7 +111,7 @@ def power_decomposition(model, data, *, training=False, include_convs=False, lay
     Args:
         model: a built Keras model (functional, Sequential or subclassed).
         data: model inputs: an array/tensor, a tuple `(x, y, ...)` (only `x` is used) or a
-            `tf.data.Dataset` of `x` or `(x, y, ...)`.
+            `tf.data.Dataset` of `x` or `(x, y, ...)` (on every Keras backend).
         training: see `PowerProbe` (True: batch statistics for batch normalizations,
             each batch being a sample of the data set; the model is left unchanged).
         include_convs: also decompose convolution/dense outputs.
@@ -151,6 +154,9 @@ class FailureModeMonitor(_base.StatisticsCallback):
     `<log_dir>/power_plot.png` (stacked decomposition against depth, one panel per
     measurement; matplotlib needed). The model is only read: weights, moving statistics
     and the training step are unchanged. Epochs that are not measured log NaN.
+
+    Runs on every Keras backend: in a `tf.function` on TensorFlow, in a `jax.jit` of the
+    weights' values on JAX (no variable is ever assigned), eagerly on PyTorch.
 
     Args:
         data: the evaluation data: an array/tensor, a tuple `(x, y, ...)` or a finite (or

@@ -13,6 +13,9 @@ Other-methods spec, section 6, measured on a fixed evaluation batch in inference
   weights are never assigned, so they stay bit-identical.
 - M5 output concentration: share of the examples predicted as the modal class.
 - M8 conditioning: largest over mean channel variance, per convolution/dense output.
+
+Gradients are taken on the TensorFlow (`tf.GradientTape`) and JAX (`jax.grad` of
+`model.stateless_call`) backends; the other backends get a clear error.
 """
 
 import os
@@ -20,11 +23,23 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
-from tf_proxynorm.callbacks import _base, _output, _probe
+from tf_proxynorm.callbacks import _backend, _base, _output, _probe
 from tf_proxynorm.ops.norm_act import batch_moments
 
 DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)
+SUPPORTED_BACKENDS = ("tensorflow", "jax")
+
+
+def check_backend(name):
+    """Raises a clear error on a Keras backend whose gradients the probes cannot take."""
+    backend = _backend.backend()
+    if backend not in SUPPORTED_BACKENDS:
+        raise ValueError(
+            f"{name} supports the TensorFlow and JAX backends (set KERAS_BACKEND=tensorflow "
+            "or jax); FailureModeMonitor and power_decomposition run on every backend. "
+            f"Received: backend={backend!r}")
 
 
 def _loss_function(model, loss):
@@ -40,7 +55,7 @@ def _loss_function(model, loss):
         loss = keras.losses.get(loss)
     if not callable(loss):
         raise ValueError(f"`loss` must be a loss name or a callable. Received: loss={loss!r}")
-    return lambda y_true, y_pred: tf.reduce_mean(tf.cast(loss(y_true, y_pred), tf.float32))
+    return lambda y_true, y_pred: ops.mean(ops.cast(loss(y_true, y_pred), "float32"))
 
 
 def tensor_statistics(g, w=None):
@@ -82,6 +97,11 @@ def output_concentration(predictions):
     return float(counts.max() / predictions.shape[0])
 
 
+def _norm(t):
+    """Frobenius norm of a tensor of any rank."""
+    return ops.sqrt(ops.sum(ops.square(t)))
+
+
 class ScaleProbe:
     """Runs the M1-M5, M8 measurements of a model on one evaluation batch.
 
@@ -96,11 +116,16 @@ class ScaleProbe:
     `activations` (M1, M8 per convolution/dense output), `kernels` (M2 and M3 per kernel),
     `alignment` (M3 over all trainable weights), `relative_loss` (M4: alpha ->
     L(theta - alpha g) / L(theta)) and `concentration` (M5). The per-example gradients
-    (M3) and the relative-loss probes (M4) each run in one traced call; M4 evaluates the
-    stepped weights with `model.stateless_call`, so no variable is ever assigned.
+    (M3) and the relative-loss probes (M4) each run in one compiled call; M4 evaluates
+    the stepped weights with `model.stateless_call`, so no variable is ever assigned.
+
+    Backends: TensorFlow (`tf.GradientTape` in `tf.function`s) and JAX (`jax.grad` of
+    pure functions of the weights, `model.stateless_call`, in `jax.jit`; the per-example
+    gradients in one `jax.lax.scan`). Other backends raise a `ValueError`.
     """
 
     def __init__(self, model, loss=None, per_example=8, alphas=DEFAULT_ALPHAS):
+        check_backend(type(self).__name__)
         if not model.built:
             raise ValueError(f"The model {model.name!r} must be built (called once) first.")
         if not isinstance(per_example, int) or per_example < 0:
@@ -114,16 +139,25 @@ class ScaleProbe:
         self.per_example = per_example
         self.alphas = alphas
         self.variables = list(model.trainable_variables)
+        self.fixed_variables = list(model.non_trainable_variables)
         self.kernel_layers = [layer for layer in _probe.all_layers(model)
                               if _probe.is_kernel_layer(layer)]
         paths = [v.path for v in self.variables]
         self.kernel_index = [paths.index(layer.kernel.path) if layer.kernel.path in paths else None
                              for layer in self.kernel_layers]
         self.probe = _probe.LayerProbe(model, [(layer, "output") for layer in self.kernel_layers])
-        self._forward_backward = tf.function(self._forward_backward_fn, reduce_retracing=True)
-        self._per_example = tf.function(self._per_example_fn, reduce_retracing=True)
-        self._stepped_losses = tf.function(self._stepped_losses_fn, reduce_retracing=True)
+        if _backend.backend() == "tensorflow":
+            self._forward_backward = tf.function(self._forward_backward_fn, reduce_retracing=True)
+            self._per_example = tf.function(self._per_example_fn, reduce_retracing=True)
+            self._stepped_losses = tf.function(
+                lambda x, y, grads: self._stepped_losses_fn(
+                    [ops.convert_to_tensor(v) for v in self.variables],
+                    [ops.convert_to_tensor(v) for v in self.fixed_variables], x, y, grads),
+                reduce_retracing=True)
+        else:
+            self._jax_functions()
 
+    # -- TensorFlow -----------------------------------------------------------------------
     def _gradients(self, tape, loss):
         grads = tape.gradient(loss, self.variables)
         return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
@@ -139,11 +173,11 @@ class ScaleProbe:
 
     def _per_example_fn(self, x, y):
         """M3 sums: per variable ||sum_b g_b|| (V,), and ||g_b|| per example (B, V)."""
-        n = min(self.per_example, int(tf.nest.flatten(x)[0].shape[0]))
+        n = min(self.per_example, int(keras.tree.flatten(x)[0].shape[0]))
         sums = [tf.zeros(v.shape, tf.float32) for v in self.variables]
         norms = []
         for b in range(n):
-            example = tf.nest.map_structure(lambda a, b=b: a[b:b + 1], (x, y))
+            example = keras.tree.map_structure(lambda a, b=b: a[b:b + 1], (x, y))
             with tf.GradientTape() as tape:
                 loss = self.loss_fn(example[1], self.model(example[0], training=False))
             grads = [tf.cast(g, tf.float32) for g in self._gradients(tape, loss)]
@@ -151,24 +185,79 @@ class ScaleProbe:
             norms.append(tf.stack([tf.norm(g) for g in grads]))
         return tf.stack([tf.norm(s) for s in sums]), tf.stack(norms)
 
-    def _stepped_losses_fn(self, x, y, grads):
-        """M4 losses L(theta - alpha g) for every alpha, without assigning a variable."""
-        fixed = [tf.convert_to_tensor(v) for v in self.model.non_trainable_variables]
+    # -- every backend ---------------------------------------------------------------------
+    def _stepped_losses_fn(self, trainable, fixed, x, y, grads):
+        """M4 losses L(theta - alpha g) for every alpha, `trainable` and `fixed` the values
+        of the model's variables: no variable is assigned."""
         losses = []
         for alpha in self.alphas:
-            stepped = [tf.convert_to_tensor(v) - tf.cast(alpha * g, v.dtype)
-                       for v, g in zip(self.variables, grads)]
+            stepped = [v - ops.cast(alpha * g, v.dtype) for v, g in zip(trainable, grads)]
             prediction, _ = self.model.stateless_call(stepped, fixed, x, training=False)
             losses.append(self.loss_fn(y, prediction))
-        return tf.stack(losses)
+        return ops.stack(losses)
 
+    # -- JAX --------------------------------------------------------------------------------
+    def _jax_functions(self):
+        """The three measurements as `jax.jit`-compiled pure functions of the weights."""
+        import jax
+
+        def loss_and_aux(trainable, fixed, x, y):
+            mapping = list(zip(self.variables, trainable)) + list(
+                zip(self.fixed_variables, fixed))
+            with keras.StatelessScope(state_mapping=mapping):
+                outputs, prediction = self.probe(x, training=False)
+                loss = self.loss_fn(y, prediction)
+            stats = [batch_moments(out, _probe.output_axis(layer))
+                     for layer, out in zip(self.kernel_layers, outputs)]
+            return loss, (stats, prediction)
+
+        def forward_backward(trainable, fixed, x, y):
+            (loss, (stats, prediction)), grads = jax.value_and_grad(
+                loss_and_aux, has_aux=True)(trainable, fixed, x, y)
+            return loss, grads, stats, prediction
+
+        def example_loss(trainable, fixed, x, y):
+            prediction, _ = self.model.stateless_call(trainable, fixed, x, training=False)
+            return self.loss_fn(y, prediction)
+
+        def per_example(trainable, fixed, x, y):
+            """M3 sums over the examples of `(x, y)`, one example per scan step."""
+            grad = jax.grad(example_loss)
+
+            def step(sums, example):
+                xb, yb = jax.tree_util.tree_map(lambda a: a[None], example)
+                grads = [ops.cast(g, "float32") for g in grad(trainable, fixed, xb, yb)]
+                return ([s + g for s, g in zip(sums, grads)],
+                        ops.stack([_norm(g) for g in grads]))
+
+            zeros = [ops.zeros(v.shape, "float32") for v in trainable]
+            sums, norms = jax.lax.scan(step, zeros, (x, y))
+            return ops.stack([_norm(s) for s in sums]), norms
+
+        compiled = [jax.jit(f) for f in (forward_backward, per_example,
+                                         self._stepped_losses_fn)]
+
+        def with_weights(fn):
+            return lambda *args: fn([v.value for v in self.variables],
+                                    [v.value for v in self.fixed_variables], *args)
+
+        self._forward_backward, per_example_jit, self._stepped_losses = (
+            with_weights(f) for f in compiled)
+
+        def first_examples(x, y):
+            n = min(self.per_example, int(keras.tree.flatten(x)[0].shape[0]))
+            return per_example_jit(*keras.tree.map_structure(lambda a: a[:n], (x, y)))
+
+        self._per_example = first_examples
+
+    # -- measurements -----------------------------------------------------------------------
     def relative_loss(self, x, y, grads, loss0):
         """M4: alpha -> L(theta - alpha g) / L(theta), `grads` the gradient at theta.
 
         The stepped weights are evaluated with `model.stateless_call`: the model's
         variables are never assigned, so they stay bit-identical.
         """
-        losses = self._stepped_losses(x, y, list(grads)).numpy()
+        losses = _backend.to_numpy(self._stepped_losses(x, y, list(grads)))
         return {alpha: _ratio(float(loss), loss0) for alpha, loss in zip(self.alphas, losses)}
 
     def alignment(self, x, y):
@@ -177,15 +266,19 @@ class ScaleProbe:
         Returns `(overall, per_variable)`: ||sum_b g_b|| / sum_b ||g_b|| over all the
         trainable weights, and the same per trainable variable (a list).
         """
-        sum_norms, norms = (t.numpy().astype(np.float64) for t in self._per_example(x, y))
+        sum_norms, norms = (_backend.to_numpy(t).astype(np.float64)
+                            for t in self._per_example(x, y))
         overall = _ratio(np.sqrt(np.sum(sum_norms ** 2)),
                          np.sum(np.sqrt(np.sum(norms ** 2, axis=1))))
         return overall, [_ratio(a, b) for a, b in zip(sum_norms, norms.sum(axis=0))]
 
     def measure(self, x, y):
+        """`(record, gradients)`: the record described above, and the gradient of every
+        trainable variable as NumPy arrays."""
+        x, y = _backend.to_inputs((x, y))
         loss, grads, stats, prediction = self._forward_backward(x, y)
-        loss = float(loss)
-        grads_np = [g.numpy() for g in grads]
+        loss = float(_backend.to_numpy(loss))
+        grads_np = [_backend.to_numpy(g) for g in grads]
         per_variable = None
         record = {"loss": loss}
         if self.per_example:
@@ -194,18 +287,20 @@ class ScaleProbe:
         for layer, index in zip(self.kernel_layers, self.kernel_index):
             if index is None:
                 continue
-            row = {"name": layer.name,
-                   **tensor_statistics(grads_np[index], self.variables[index].numpy())}
+            weight = _backend.to_numpy(self.variables[index].value)
+            row = {"name": layer.name, **tensor_statistics(grads_np[index], weight)}
             if per_variable is not None:
                 row["alignment"] = per_variable[index]
             kernels.append(row)
-        record["activations"] = [{"name": layer.name, **channel_statistics(m.numpy(), v.numpy())}
-                                 for layer, (m, v) in zip(self.kernel_layers, stats)]
+        record["activations"] = [
+            {"name": layer.name,
+             **channel_statistics(_backend.to_numpy(m), _backend.to_numpy(v))}
+            for layer, (m, v) in zip(self.kernel_layers, stats)]
         record["kernels"] = kernels
         if self.alphas:
             record["relative_loss"] = self.relative_loss(x, y, grads, loss)
-        prediction = tf.nest.flatten(prediction)[0]
-        record["concentration"] = output_concentration(prediction.numpy())
+        prediction = keras.tree.flatten(prediction)[0]
+        record["concentration"] = output_concentration(_backend.to_numpy(prediction))
         return record, grads_np
 
 
@@ -216,6 +311,8 @@ def gradient_scale(model, x, y, *, loss=None, per_example=8, alphas=DEFAULT_ALPH
 
     >>> record = gradient_scale(model, x_val[:64], y_val[:64])
     >>> record["alignment"], record["relative_loss"][0.1]
+
+    Runs on the TensorFlow and JAX backends.
     """
     return ScaleProbe(model, loss, per_example, alphas).measure(x, y)[0]
 
@@ -267,6 +364,9 @@ class GradientScaleMonitor(_base.StatisticsCallback):
     >>> monitor = GradientScaleMonitor((x_val[:64], y_val[:64]), log_dir="runs/bn")
     >>> model.fit(ds, epochs=5, callbacks=[monitor])
 
+    Backends: TensorFlow and JAX (see `ScaleProbe`); on any other Keras backend the
+    constructor raises a `ValueError`.
+
     Reference:
         - [Bjorck et al., 2018](https://arxiv.org/abs/1806.02375), Understanding Batch
           Normalization.
@@ -281,6 +381,7 @@ class GradientScaleMonitor(_base.StatisticsCallback):
     def __init__(self, data, *, loss=None, per_example=8, alphas=DEFAULT_ALPHAS,
                  every_n_epochs=1, every_n_steps=None, at_train_begin=True, log_dir=None,
                  tensorboard="auto", plots="auto", log_keys="default"):
+        check_backend(type(self).__name__)
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps,
                          at_train_begin=at_train_begin, log_dir=log_dir,
                          tensorboard=tensorboard, plots=plots, log_keys=log_keys)
@@ -290,7 +391,7 @@ class GradientScaleMonitor(_base.StatisticsCallback):
                              f"{self.LAYER_KEYS}. Received: log_keys={log_keys!r}")
         self._keys = tuple(keys)
         if isinstance(data, tf.data.Dataset):
-            data = next(iter(data))
+            data = _backend.to_inputs(next(iter(data)))
         if not isinstance(data, tuple) or len(data) < 2:
             raise ValueError("`data` must be a tuple `(x, y)` or a tf.data.Dataset of "
                              f"`(x, y)`. Received: data of type {type(data).__name__}")

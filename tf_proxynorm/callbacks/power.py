@@ -14,14 +14,15 @@ scale_var = E_c[Var_x(s_{x,c})] / E_c[E_x(s_{x,c})^2],   s_{x,c} = sqrt(s2_{x,c}
 ```
 
 The data set is streamed: `instance_statistics` reduces a batch to per-(example, channel)
-statistics in TensorFlow (float32 at least, with the package's one statistics helper), and
-`PowerAccumulator` merges them in float64 NumPy per channel (count, mean and sum of squared
-deviations merged with Chan's formula), so memory does not grow with the data set and the
-identity (1) + (2) + (3) = P holds to float32 rounding of the per-example statistics.
+statistics in `keras.ops`, on any backend (float32 at least, with the package's one
+statistics helper), and `PowerAccumulator` merges them in float64 NumPy per channel
+(count, mean and sum of squared deviations merged with Chan's formula), so memory does not
+grow with the data set and the identity (1) + (2) + (3) = P holds to float32 rounding of
+the per-example statistics.
 """
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm.ops.stats import channel_axis, moments, stats_dtype
 
@@ -41,23 +42,24 @@ def instance_statistics(y, axis=-1):
         A tuple `(mean, var, mean_square)` of `(N, C)` tensors in float32 (float64 for
         float64 input). For a rank-2 input each example has one position: `var` is 0.
     """
-    rank = y.shape.rank
-    if rank is None or rank < 2:
+    y = ops.convert_to_tensor(y)
+    rank = len(y.shape)
+    if rank < 2:
         raise ValueError(
             "`y` must have rank >= 2 (examples, ..., channels). "
             f"Received: y with shape {getattr(y, 'shape', None)}")
     axis = channel_axis(rank, axis)
     if axis == 0:
         raise ValueError(f"`axis` must not be the example axis 0. Received: axis={axis}")
-    y = tf.cast(y, stats_dtype(y.dtype))
+    y = ops.cast(y, stats_dtype(y.dtype))
     # (N, positions..., C): channels last, then reduce every middle axis.
     if axis != rank - 1:
-        y = tf.transpose(y, [0] + [a for a in range(1, rank) if a != axis] + [axis])
+        y = ops.transpose(y, [0] + [a for a in range(1, rank) if a != axis] + [axis])
     positions = list(range(1, rank - 1))
     if not positions:
-        return y, tf.zeros_like(y), tf.square(y)
+        return y, ops.zeros_like(y), ops.square(y)
     mean, var = moments(y, positions)
-    return mean, var, tf.reduce_mean(tf.square(y), axis=positions)
+    return mean, var, ops.mean(ops.square(y), axis=positions)
 
 
 class _RunningMoments:

@@ -1,9 +1,13 @@
 """What this installation of tf_proxynorm can run: `python -m tf_proxynorm.info`.
 
-Prints the TensorFlow / Keras versions, the implementation setting, the fused op library
-(path and status, or why it is unavailable), what it was built for (its stamp), the kernels
-registered per device, TensorFlow's logical devices, and where the build log is. Paste its
-output into bug reports.
+Prints the TensorFlow / Keras versions and the Keras backend, the implementation setting,
+the fused op library (path and status, or why it is unavailable), what it was built for
+(its stamp), the kernels registered per device, the logical devices, and where the build
+log is. Paste its output into bug reports.
+
+On a Keras backend other than TensorFlow (JAX, PyTorch) every layer runs the `keras.ops`
+reference path and the fused op (a TensorFlow op) is never built or loaded: the report
+then describes the cached library from its files only.
 
 ```
 python -m tf_proxynorm.info            # never compiles; says how to build when needed
@@ -12,6 +16,7 @@ python -m tf_proxynorm.info --build    # builds the library first when none is c
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -20,8 +25,9 @@ import keras
 import tensorflow as tf
 
 from tf_proxynorm import config
-from tf_proxynorm.fused import loader
+from tf_proxynorm.fused import build, loader, settings
 from tf_proxynorm.fused.abi import OP_NAME
+from tf_proxynorm.fused.errors import BuildError
 from tf_proxynorm.version import __version__
 
 _ENV_PREFIX = "TF_PROXYNORM_"
@@ -48,11 +54,34 @@ def _stamp_lines(stamp):
     ]
 
 
-def path_lines(info, implementation, devices):
+def _other_backend_path_lines(backend):
+    """`path_lines` on a Keras backend other than TensorFlow: always the reference path."""
+    reference = "keras.ops reference path"
+    if backend == "jax":
+        rows = [("model.fit, default jit_compile (jax.jit)", f"{reference}, compiled by XLA"),
+                ("any jax.jit or jit_compile=True function", f"{reference}, compiled by XLA"),
+                ("eager calls (layer(x), jit_compile=False)", f"{reference}, op by op")]
+    else:
+        rows = [("every call (model.fit, eager)", f"{reference} ({backend} ops)")]
+    rows.append(("the fused op (TensorFlow only)",
+                 "never used here: it serves only the TensorFlow backend "
+                 "(KERAS_BACKEND=tensorflow)"))
+    width = max(len(r[0]) for r in rows)
+    return [f"which path GN/LN/IN(+PN) layers take here (Keras backend {backend!r}: every "
+            "layer runs the keras.ops reference path):"] + [
+        f"  {situation:{width}s}  -> {path}" for situation, path in rows]
+
+
+def path_lines(info, implementation, devices, backend="tensorflow"):
     """Which path GroupNorm/LayerNorm/InstanceNorm (+PN) layers take here, per situation.
 
-    `info` is `loader.describe()`, `devices` the logical device types ("CPU", "GPU", "TPU").
+    `info` is `loader.describe()`, `devices` the logical device types ("CPU", "GPU", "TPU"),
+    `backend` the Keras backend: on any other than "tensorflow" every layer runs the
+    `keras.ops` reference path (compiled by XLA under `jax.jit` / `jit_compile=True`) and
+    the fused op is never used.
     """
+    if backend != "tensorflow":
+        return _other_backend_path_lines(backend)
     kernels = info["kernels"].get(OP_NAME, {}) if info["available"] else {}
 
     def fused(device):
@@ -83,8 +112,83 @@ def path_lines(info, implementation, devices):
         f"  {situation:{width}s}  -> {path}" for situation, path in rows]
 
 
+def describe_without_loading():
+    """What `loader.describe()` reports, from the cache's files only: the library is never
+    built or loaded (the report on a Keras backend other than TensorFlow)."""
+    src, origin = settings.source_dir()
+    out = {"available": False, "path": None, "reason": None, "cache_root": settings.cache_root(),
+           "sources": f"{src} ({origin})", "stamp": None, "build_log": None,
+           "failed_log": None, "kernels": {}}
+    directory = None
+    try:
+        current = build.current_config()
+        directory = current.directory()
+        out["path"] = build.find_library(current)
+        if out["path"] is not None:
+            directory = out["path"].parent
+        else:
+            out["reason"] = f"no library built for this TensorFlow is cached in {directory.parent}"
+    except BuildError as e:
+        out["reason"] = str(e)
+    except Exception as e:  # noqa: BLE001 - reported, never raised
+        out["config_error"] = f"{type(e).__name__}: {e}"
+    if directory is not None:
+        stamp, log = directory / build.STAMP_NAME, directory / build.LOG_NAME
+        out["build_log"] = log if log.is_file() else None
+        failed = build.failed_log(directory)
+        out["failed_log"] = failed if failed.is_file() else None
+        try:
+            out["stamp"] = json.loads(stamp.read_text()) if stamp.is_file() else None
+        except (OSError, ValueError) as e:
+            out["stamp"] = {"error": f"unreadable {stamp}: {e}"}
+    return out
+
+
+def _backend_versions(backend):
+    """The version line of a Keras backend other than TensorFlow."""
+    try:
+        if backend == "jax":
+            import jax
+            import jaxlib
+            return f"JAX          {jax.__version__} (jaxlib {jaxlib.__version__})"
+        if backend == "torch":
+            import torch
+            return f"PyTorch      {torch.__version__}"
+    except ImportError as e:
+        return f"{backend}: not importable ({e})"
+    return None
+
+
+def _backend_devices(backend):
+    """`(device types, description)` of the devices the Keras backend computes on."""
+    if backend == "tensorflow":
+        devices = tf.config.list_logical_devices()
+        return ({d.device_type for d in devices},
+                ", ".join(f"{d.name} ({d.device_type})" for d in devices))
+    try:
+        if backend == "jax":
+            import jax
+            devices = jax.devices()
+            return ({d.platform.upper() for d in devices},
+                    ", ".join(f"{d} ({d.platform})" for d in devices) + " [jax]")
+        if backend == "torch":
+            import torch
+            names = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+                               for i in range(torch.cuda.device_count())]
+            return set(), ", ".join(names) + " [torch]"
+    except Exception as e:  # noqa: BLE001 - reported, never raised
+        return set(), f"unknown ({type(e).__name__}: {e})"
+    return set(), f"see the {backend} backend"
+
+
 def report(allow_build=False):
-    """The report as a list of lines."""
+    """The report as a list of lines.
+
+    On the TensorFlow backend it loads the fused op library (and builds it first when
+    `allow_build` and none is cached); on the other Keras backends it neither builds nor
+    loads it.
+    """
+    backend = keras.backend.backend()
     env = os.environ.get(config.ENV_VAR)
     try:
         implementation = config.get_implementation()
@@ -93,19 +197,39 @@ def report(allow_build=False):
     lines = [
         f"tf_proxynorm {__version__} ({_PACKAGE_DIR})",
         f"TensorFlow   {tf.__version__} (git {tf.version.GIT_VERSION})",
-        f"Keras        {keras.__version__} (backend {keras.config.backend()})",
+        f"Keras        {keras.__version__} (backend {backend})",
+    ]
+    if _backend_versions(backend):
+        lines.append(_backend_versions(backend))
+    lines += [
         f"Python       {platform.python_version()} on {platform.platform()}",
+        f"Keras backend: {backend}" + ("" if backend == "tensorflow" else
+                                       " (every layer runs the keras.ops reference path; "
+                                       "the fused op serves only the TensorFlow backend)"),
         f"implementation: {implementation} ("
         + (f"{config.ENV_VAR}={env!r})" if env is not None else f"{config.ENV_VAR} unset)"),
         "",
     ]
-    info = loader.describe(allow_build=allow_build)
-    if info["available"]:
-        lines.append("fused op library: AVAILABLE")
-        lines.append(f"  path:         {info['path']}")
+    if backend == "tensorflow":
+        info = loader.describe(allow_build=allow_build)
+        if info["available"]:
+            lines.append("fused op library: AVAILABLE")
+            lines.append(f"  path:         {info['path']}")
+        else:
+            lines.append("fused op library: UNAVAILABLE (layers use the reference path)")
+            lines.append(f"  reason:       {info['reason']}")
     else:
-        lines.append("fused op library: UNAVAILABLE (layers use the reference path)")
-        lines.append(f"  reason:       {info['reason']}")
+        info = describe_without_loading()
+        lines.append(f"fused op library: NOT USED on the {backend!r} backend (a TensorFlow "
+                     "op; not built or loaded here)")
+        if info["path"] is not None:
+            lines.append(f"  cached:       {info['path']} (used under "
+                         "KERAS_BACKEND=tensorflow)")
+        elif info["reason"]:
+            lines.append(f"  cached:       none ({info['reason']})")
+        if allow_build:
+            lines.append("  --build:      ignored on this backend; build with "
+                         "`python -m tf_proxynorm.build`")
     lines.append(f"  sources:      {info['sources']}")
     lines += _stamp_lines(info["stamp"])
     lines.append(f"  cache root:   {info['cache_root']}")
@@ -117,21 +241,25 @@ def report(allow_build=False):
     lines.append("")
     lines.append("kernels registered per device:")
     if not info["kernels"]:
-        lines.append("  none")
+        lines.append("  none" if backend == "tensorflow" else
+                     f"  none (the library is not loaded on the {backend!r} backend)")
     for op, devices in info["kernels"].items():
         for device, dtypes in devices.items():
             lines.append(f"  {op:32s} {device}: {', '.join(dtypes)}")
     lines.append("")
-    devices = tf.config.list_logical_devices()
-    lines += path_lines(info, implementation, {d.device_type for d in devices})
+    device_types, device_names = _backend_devices(backend)
+    lines += path_lines(info, implementation, device_types, backend)
     lines.append("")
-    lines.append("logical devices: " + ", ".join(f"{d.name} ({d.device_type})" for d in devices))
-    threads = tf.config.threading.get_intra_op_parallelism_threads()
-    lines.append(f"intra-op threads: {threads or 'default'} (CPU cores: {os.cpu_count()})")
-    settings = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIX))
-    lines.append("environment: " + (", ".join(f"{k}={v}" for k, v in settings) or "no "
+    lines.append("logical devices: " + device_names)
+    if backend == "tensorflow":
+        threads = tf.config.threading.get_intra_op_parallelism_threads()
+        lines.append(f"intra-op threads: {threads or 'default'} (CPU cores: {os.cpu_count()})")
+    else:
+        lines.append(f"CPU cores: {os.cpu_count()}")
+    variables = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIX))
+    lines.append("environment: " + (", ".join(f"{k}={v}" for k, v in variables) or "no "
                                     f"{_ENV_PREFIX}* variable set"))
-    if not info["available"]:
+    if not info["available"] and backend == "tensorflow":
         lines.append("")
         lines.append("To build the fused op: python -m tf_proxynorm.build --verbose (this "
                      "report never compiles unless run with --build)")

@@ -5,6 +5,7 @@ kernel. The second derivative (the gradient of the backward op) is the reference
 is registered by `tf_proxynorm.ops.norm_act`, which knows both paths.
 """
 
+import keras
 import tensorflow as tf
 
 from tf_proxynorm.fused import abi, loader
@@ -63,6 +64,9 @@ def _call_device_type(x):
 
 def why_not_fused(x, activation_name, axis=-1):
     """A human-readable reason why the fused op cannot compute this call, or None if it can."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        return f"the Keras backend is {backend!r} (the fused op is a TensorFlow op)"
     if activation_name not in abi.KERNEL_ACTIVATIONS:
         shown = getattr(activation_name, "__name__", activation_name)
         return (f"the activation {shown!r} has no fused kernel (fused: "

@@ -14,7 +14,7 @@ Proxy Normalization's arguments and weights come from `ProxyNormMixin`
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm.ops import activations
 from tf_proxynorm.ops.norm_act import affine_act_proxy
@@ -112,7 +112,7 @@ class AffineActBase(keras.layers.Layer):
 
     # -- call ------------------------------------------------------------------------------
     def call(self, inputs, training=None):
-        return tf.cast(self._normalize_act(inputs, training), self.compute_dtype)
+        return ops.cast(self._normalize_act(inputs, training), self.compute_dtype)
 
     def _act_arg(self):
         """The activation as the functional ops take it (name when fusable, else callable)."""
@@ -165,7 +165,7 @@ class NormActBase(AffineActBase):
         Returns:
             A tensor of the input's shape, channels on `self.axis`.
         """
-        return self._normalize(tf.convert_to_tensor(inputs), training, update=False)
+        return self._normalize(ops.convert_to_tensor(inputs), training, update=False)
 
     def _normalize(self, inputs, training, update):
         """`normalized_output`; with `update`, a training call also updates the layer's

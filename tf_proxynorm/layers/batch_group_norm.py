@@ -3,7 +3,7 @@
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm.layers.norm_act import BatchNormAct
 from tf_proxynorm.ops.stats import moments, stats_dtype
@@ -106,25 +106,26 @@ class BatchGroupNormalization(BatchNormAct):
         Returns `(view, reduce_axes, to_view, to_groups)`: `to_groups` orders the reduced
         statistics as the paper's group index `g`, `to_view` broadcasts `(groups,)` back.
         """
-        g, c, n = self.groups, x.shape[self._axis], tf.shape(x)[0]
+        g, c, n = self.groups, x.shape[self._axis], ops.shape(x)[0]
         identity = lambda s: s  # noqa: E731
         if not self._channels_last:
             # (N, C, positions...) is already channel-major: group g is a contiguous slice.
-            view = tf.reshape(x, tf.stack([n, g, -1]))
-            return view, [0, 2], lambda s: tf.reshape(s, [1, g, 1]), identity
+            view = ops.reshape(x, (n, g, -1))
+            return view, [0, 2], lambda s: ops.reshape(s, (1, g, 1)), identity
         if self._per_channel_groups:
-            view = tf.reshape(x, tf.stack([n, -1, g, c // g]))
-            return view, [0, 1, 3], lambda s: tf.reshape(s, [1, 1, g, 1]), identity
+            view = ops.reshape(x, (n, -1, g, c // g))
+            return view, [0, 1, 3], lambda s: ops.reshape(s, (1, 1, g, 1)), identity
         # g = k * C: channel c, chunk j of its positions is group c * k + j.
         k = g // c
-        view = tf.reshape(x, tf.stack([n, k, -1, c]))
-        to_groups = lambda s: tf.reshape(tf.transpose(s), [g])  # (k, C) -> (C * k,)  # noqa: E731
-        to_view = lambda s: tf.reshape(  # noqa: E731
-            tf.transpose(tf.reshape(s, [c, k])), [1, k, 1, c])
+        view = ops.reshape(x, (n, k, -1, c))
+        # (k, C) -> (C * k,)
+        to_groups = lambda s: ops.reshape(ops.transpose(s), (g,))  # noqa: E731
+        to_view = lambda s: ops.reshape(  # noqa: E731
+            ops.transpose(ops.reshape(s, (c, k))), (1, k, 1, c))
         return view, [0, 2], to_view, to_groups
 
     def _normalize(self, inputs, training, update):
-        x = tf.cast(inputs, stats_dtype(inputs.dtype))
+        x = ops.cast(inputs, stats_dtype(inputs.dtype))
         view, axes, to_view, to_groups = self._group_view(x)
 
         def batch_moments():
@@ -132,9 +133,9 @@ class BatchGroupNormalization(BatchNormAct):
             return to_groups(mean), to_groups(var)
 
         mean, var = self.moving_statistics.select(training, batch_moments, update)
-        mean, var = tf.cast(mean, x.dtype), tf.cast(var, x.dtype)
-        y = (view - to_view(mean)) * to_view(tf.math.rsqrt(var + self.epsilon))
-        return tf.reshape(y, tf.shape(x))
+        mean, var = ops.cast(mean, x.dtype), ops.cast(var, x.dtype)
+        y = (view - to_view(mean)) * to_view(ops.rsqrt(var + self.epsilon))
+        return ops.reshape(y, ops.shape(x))
 
     def get_config(self):
         return {**super().get_config(), "groups": self.groups}

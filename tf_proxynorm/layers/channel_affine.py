@@ -29,6 +29,7 @@ class ChannelAffine(keras.layers.Layer):
 
     Call arguments:
         inputs: a tensor with channels on `axis`.
+        training: ignored (the layer has no training-specific behavior).
 
     Returns:
         A tensor of the input's shape in the layer's compute dtype.
@@ -61,7 +62,9 @@ class ChannelAffine(keras.layers.Layer):
                 setattr(self, name, self.add_weight(name=name, shape=(channels,),
                                                     initializer=init))
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
+        # `training` is ignored; accepted so that `stateless_call(..., training=...)`
+        # works as for the other norm + activation layers.
         return affine_act_proxy(inputs, self.scale, self.offset, axis=self.axis,
                                 activation=self._activation_fn)
 

@@ -34,10 +34,16 @@ Choices
 - The statistics are stored as mean and variance (with d mean/dW, d var/dW), the
   equivalent `nu = var + mu^2`, `d nu = d var + 2 mu d mu` parameterization of the
   paper's (mu, nu) that keeps float32 precision for inputs with a large mean.
-- d var/dW comes from a `tf.GradientTape` on the layer's own convolution (one extra
-  backward-filter convolution per training step). d mean_c/dW[..., c] is the mean input
-  patch, the same for every filter of a conv group: it comes from a probe convolution with
-  one filter per group and is stored at that size. Both are skipped during burn-in.
+- d var/dW comes from the backend's autodiff on the layer's own convolution (one extra
+  backward-filter convolution per training step): a `tf.GradientTape` on the forward
+  conv on TensorFlow, `jax.grad` of the statistics on JAX (which traces the forward
+  conv again), `torch.autograd.grad` on PyTorch. d mean_c/dW[..., c] is the mean input patch, the same for every filter of
+  a conv group: it comes from a probe convolution with one filter per group and is
+  stored at that size. Both are skipped during burn-in.
+- Backends: TensorFlow and JAX (eager and compiled), PyTorch (eager). On the backends
+  without autodiff (Keras' numpy, openvino), `window_size > 1` raises a
+  `NotImplementedError` at construction; `window_size=1` is BatchNorm in `keras.ops` and
+  runs anywhere.
 - Burn-in as the official code: plain BN with batch statistics for the first
   `burnin_steps` training steps, then the window grows from 1 to `window_size`.
 - Normalization as Keras BN (biased variance, epsilon inside the square root) in every
@@ -47,6 +53,7 @@ Choices
 
 import keras
 import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm.layers._base import per_channel_options, serialize_options
 from tf_proxynorm.layers.moving_statistics import MovingStatistics
@@ -62,10 +69,21 @@ _register = keras.saving.register_keras_serializable(package="tf_proxynorm")
 _AFFINE = {"gamma": "ones", "beta": "zeros"}
 
 
+# The backends whose autodiff `_gradient` calls (the compensation needs d var / dW).
+_GRADIENT_BACKENDS = ("tensorflow", "jax", "torch")
+
+
 def _check_cbn_arguments(window_size, rho, burnin_steps, momentum, epsilon):
     if not isinstance(window_size, int) or window_size < 1:
         raise ValueError(f"`window_size` must be an int >= 1 (the current step and "
                          f"window_size - 1 previous ones). Received: window_size={window_size}")
+    backend = keras.backend.backend()
+    if window_size > 1 and backend not in _GRADIENT_BACKENDS:
+        raise NotImplementedError(
+            "CBN with window_size > 1 takes the gradient of its convolution's statistics "
+            "with respect to the kernel, which is implemented for the TensorFlow, JAX and "
+            f"PyTorch backends only. Received: backend={backend!r}, window_size={window_size}. "
+            "Use KERAS_BACKEND=tensorflow, jax or torch, or window_size=1 (plain BatchNorm).")
     if not isinstance(rho, (int, float)) or rho < 0:
         raise ValueError(f"`rho` must be a number >= 0. Received: rho={rho}")
     if not isinstance(burnin_steps, int) or burnin_steps < 0:
@@ -75,6 +93,39 @@ def _check_cbn_arguments(window_size, rho, burnin_steps, momentum, epsilon):
         raise ValueError(f"`momentum` must be in [0, 1]. Received: momentum={momentum}")
     if not epsilon > 0:
         raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
+
+
+def _gradient(fn, x):
+    """The gradient of the scalar `fn(x)` at `x`, with the backend's own autodiff."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.grad(fn)(x)
+    if backend == "torch":
+        import torch
+
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return torch.autograd.grad(fn(x), x)[0]
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+    return tape.gradient(y, x)
+
+
+def _cond(pred, true_fn, false_fn):
+    """`ops.cond`, but a concrete JAX predicate (eager call) runs one branch in Python:
+    `jax.lax.cond` would trace and compile both branches at every eager call."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        try:
+            concrete = bool(pred)
+        except jax.errors.ConcretizationTypeError:   # traced (jit): a real cond
+            return ops.cond(pred, true_fn, false_fn)
+        return true_fn() if concrete else false_fn()
+    return ops.cond(pred, true_fn, false_fn)
 
 
 @_register
@@ -114,7 +165,8 @@ class CBNConv2D(keras.layers.Conv2D):
         activation: applied after the normalization and affine (not after the conv).
             Defaults to None.
         window_size: number of steps `k` pooled (current + `k - 1` previous). 1 is BN.
-            Defaults to 4.
+            Defaults to 4. `k > 1` needs the TensorFlow or JAX backend (the kernel
+            gradient of the statistics is taken with the backend's autodiff).
         rho: scale of the Taylor compensation; 0 is the uncompensated ("naive") CBN.
             Defaults to 1.
         burnin_steps: training steps of plain BN before pooling starts. Defaults to 0.
@@ -206,7 +258,8 @@ class CBNConv2D(keras.layers.Conv2D):
         previous, dtype = self.window_size - 1, stats_dtype(self.variable_dtype)
         kernel_shape = (previous,) + tuple(self._kernel.shape)
         self._probe_shape = tuple(self._kernel.shape[:-1]) + (self.groups,)
-        self.step = self.add_weight(name="step", shape=(), dtype="int64", initializer="zeros",
+        # "int": int64 on TensorFlow, int32 on JAX (no int64 without x64), as Keras' optimizer.
+        self.step = self.add_weight(name="step", shape=(), dtype="int", initializer="zeros",
                                     **state)
         for name, shape in (("buffer_mean", (previous,) + channels),
                             ("buffer_variance", (previous,) + channels),
@@ -238,10 +291,10 @@ class CBNConv2D(keras.layers.Conv2D):
         return [0, 1, 2] if self.axis == -1 else [0, 2, 3]
 
     def _conv(self, inputs, kernel):
-        x = self.convolution_op(inputs, tf.cast(kernel, self.compute_dtype))
+        x = self.convolution_op(inputs, ops.cast(kernel, self.compute_dtype))
         if self.use_bias:
-            shape = [1, 1, 1, self.filters] if self.axis == -1 else [1, self.filters, 1, 1]
-            x = x + tf.reshape(tf.cast(self.bias, x.dtype), shape)
+            shape = (1, 1, 1, self.filters) if self.axis == -1 else (1, self.filters, 1, 1)
+            x = x + ops.reshape(ops.cast(self.bias, x.dtype), shape)
         return x
 
     def normalized_output(self, inputs, training=False):
@@ -251,7 +304,7 @@ class CBNConv2D(keras.layers.Conv2D):
         the statistics are the current batch's alone (not the cross-iteration window);
         otherwise the moving averages. Nothing is updated.
         """
-        x = self._conv(tf.convert_to_tensor(inputs), tf.convert_to_tensor(self.kernel))
+        x = self._conv(ops.convert_to_tensor(inputs), ops.convert_to_tensor(self.kernel))
         mean, var = self.moving_statistics.select(
             training, lambda: moments(x, self._reduce_axes), update=False)
         return self._standardize(x, mean, var)
@@ -259,14 +312,23 @@ class CBNConv2D(keras.layers.Conv2D):
     def call(self, inputs, training=None):
         if not self.moving_statistics.uses_batch(training):
             return self._affine_act(self.normalized_output(inputs))
-        kernel = tf.convert_to_tensor(self.kernel)
-        with tf.GradientTape() as tape:
-            tape.watch(kernel)
+        if keras.backend.backend() == "tensorflow":
+            # The tape of the forward conv gives d var / dW without a second forward pass.
+            kernel = tf.convert_to_tensor(self.kernel)
+            with tf.GradientTape() as tape:
+                tape.watch(kernel)
+                x = self._conv(inputs, kernel)
+                mean, var = moments(x, self._reduce_axes)
+            variance_grad = lambda: tape.gradient(var, kernel)  # noqa: E731
+        else:
+            kernel = ops.convert_to_tensor(self.kernel)
             x = self._conv(inputs, kernel)
             mean, var = moments(x, self._reduce_axes)
+            variance_grad = lambda: _gradient(  # noqa: E731
+                lambda k: ops.sum(moments(self._conv(inputs, k), self._reduce_axes)[1]), kernel)
         self.moving_statistics.update((mean, var))   # the current batch only
         if self.window_size > 1:
-            mean, var = self._window_statistics(inputs, tape, kernel, mean, var)
+            mean, var = self._window_statistics(inputs, variance_grad, kernel, mean, var)
         return self._affine_act(self._standardize(x, mean, var))
 
     def _standardize(self, x, mean, var):
@@ -277,7 +339,7 @@ class CBNConv2D(keras.layers.Conv2D):
         outputs = norm_act_ops.affine_act_proxy(
             y, self.gamma, self.beta, axis=self.axis,
             activation=self.norm_activation_name or self._norm_activation_fn)
-        return tf.cast(outputs, self.compute_dtype)
+        return ops.cast(outputs, self.compute_dtype)
 
     def _mean_patch(self, inputs):
         """d mean_c / dW[..., c]: the mean input patch of each conv group, (kh, kw, C_in/g, g).
@@ -285,65 +347,68 @@ class CBNConv2D(keras.layers.Conv2D):
         The mean is linear in the kernel, so the gradient at a zero probe kernel with one
         filter per group gives it for a 1/filters share of a backward-filter convolution.
         """
-        probe = tf.zeros(self._probe_shape, self.variable_dtype)
-        with tf.GradientTape() as tape:
-            tape.watch(probe)
-            out = self.convolution_op(inputs, tf.cast(probe, self.compute_dtype))
-            mean, _ = moments(out, self._reduce_axes)
-        return tape.gradient(mean, probe)
+        def probe_mean(probe):
+            out = self.convolution_op(inputs, ops.cast(probe, self.compute_dtype))
+            return ops.sum(moments(out, self._reduce_axes)[0])
 
-    def _window_statistics(self, inputs, tape, kernel, mean, var):
-        """Pools the current statistics with the compensated buffers; updates the buffers."""
+        return _gradient(probe_mean, ops.zeros(self._probe_shape, self.variable_dtype))
+
+    def _window_statistics(self, inputs, variance_grad, kernel, mean, var):
+        """Pools the current statistics with the compensated buffers; updates the buffers.
+
+        `variance_grad()` returns d (sum_c var_c) / dW at the current kernel.
+        """
         previous, dtype = self.window_size - 1, mean.dtype
-        since = tf.convert_to_tensor(self.step) - self.burnin_steps
+        since = ops.convert_to_tensor(self.step) - self.burnin_steps
         active = since >= 0
-        count = tf.clip_by_value(since, 0, previous)  # valid previous entries
+        count = ops.cast(ops.clip(since, 0, previous), dtype)  # valid previous entries
 
         # Compensation of the previous statistics to the current kernel (constants).
-        kernel_now = tf.stop_gradient(tf.cast(kernel, dtype))
-        delta = kernel_now[None] - tf.cast(self.buffer_kernel, dtype)
+        kernel_now = ops.stop_gradient(ops.cast(kernel, dtype))
+        delta = kernel_now[None] - ops.cast(self.buffer_kernel, dtype)
         kernel_axes = [1, 2, 3]
-        d_var = tf.reduce_sum(tf.cast(self.buffer_variance_grad, dtype) * delta, kernel_axes)
+        d_var = ops.sum(ops.cast(self.buffer_variance_grad, dtype) * delta, kernel_axes)
         # Filters of group j (channels j * C/g ... ) share the mean patch j.
-        per_group = delta.shape[1:-1] + (self.groups, self.filters // self.groups)
-        delta = tf.reshape(delta, (previous,) + per_group)
-        d_mean = tf.reduce_sum(tf.cast(self.buffer_mean_grad, dtype)[..., None] * delta,
-                               kernel_axes)
-        d_mean = tf.reshape(d_mean, [previous, self.filters])
+        per_group = tuple(delta.shape[1:-1]) + (self.groups, self.filters // self.groups)
+        delta = ops.reshape(delta, (previous,) + per_group)
+        d_mean = ops.sum(ops.cast(self.buffer_mean_grad, dtype)[..., None] * delta, kernel_axes)
+        d_mean = ops.reshape(d_mean, (previous, self.filters))
         if self.use_bias:
-            bias_now = tf.stop_gradient(tf.cast(tf.convert_to_tensor(self.bias), dtype))
-            d_mean += bias_now[None] - tf.cast(self.buffer_bias, dtype)
+            bias_now = ops.stop_gradient(ops.cast(ops.convert_to_tensor(self.bias), dtype))
+            d_mean += bias_now[None] - ops.cast(self.buffer_bias, dtype)
         d_mean, d_var = self.rho * d_mean, self.rho * d_var
-        old_mean = tf.cast(self.buffer_mean, dtype) + d_mean
-        old_var = tf.maximum(tf.cast(self.buffer_variance, dtype) + d_var - tf.square(d_mean), 0.0)
+        old_mean = ops.cast(self.buffer_mean, dtype) + d_mean
+        old_var = ops.maximum(
+            ops.cast(self.buffer_variance, dtype) + d_var - ops.square(d_mean), 0.0)
 
-        valid = tf.cast(tf.range(previous, dtype=count.dtype) < count, dtype)[:, None]
-        n = 1.0 + tf.cast(count, dtype)
-        mean_bar = (mean + tf.reduce_sum(valid * old_mean, 0)) / n
-        spread = tf.square(mean - mean_bar) + tf.reduce_sum(
-            valid * tf.square(old_mean - mean_bar), 0)
-        var_bar = (var + tf.reduce_sum(valid * old_var, 0) + spread) / n
+        valid = ops.cast(ops.arange(previous, dtype=dtype) < count, dtype)[:, None]
+        n = 1.0 + count
+        mean_bar = (mean + ops.sum(valid * old_mean, 0)) / n
+        spread = ops.square(mean - mean_bar) + ops.sum(
+            valid * ops.square(old_mean - mean_bar), 0)
+        var_bar = (var + ops.sum(valid * old_var, 0) + spread) / n
 
         # Store this step's statistics, derivatives and kernel in ring slot `since % (k-1)`.
         def derivatives():
             # The gradient of sum_c var_c holds every d var_c / d W[..., c] at once.
-            return [tf.stop_gradient(self._mean_patch(inputs)),
-                    tf.stop_gradient(tape.gradient(var, kernel))]
+            return [ops.stop_gradient(self._mean_patch(inputs)),
+                    ops.stop_gradient(variance_grad())]
 
         def skipped():
-            return [tf.zeros(self._probe_shape, self.variable_dtype), tf.zeros_like(kernel)]
+            return [ops.zeros(self._probe_shape, self.variable_dtype), ops.zeros_like(kernel)]
 
-        grads = tf.cond(active, derivatives, skipped) if self.burnin_steps else derivatives()
-        slot = tf.reshape(tf.math.floormod(tf.maximum(since, 0), previous), [1, 1])
+        grads = _cond(active, derivatives, skipped) if self.burnin_steps else derivatives()
+        slot = ops.reshape(ops.mod(ops.maximum(since, 0), previous), (1, 1))
         new = {"buffer_mean": mean, "buffer_variance": var, "buffer_mean_grad": grads[0],
                "buffer_variance_grad": grads[1], "buffer_kernel": kernel_now}
         if self.use_bias:
             new["buffer_bias"] = bias_now
         for name, value in new.items():
             buffer = getattr(self, name)
-            value = tf.stop_gradient(tf.cast(value, buffer.dtype))
-            updated = tf.tensor_scatter_nd_update(buffer, slot, value[None])
-            buffer.assign(tf.where(active, updated, buffer) if self.burnin_steps else updated)
+            current = ops.convert_to_tensor(buffer)
+            value = ops.stop_gradient(ops.cast(value, current.dtype))
+            updated = ops.scatter_update(current, slot, value[None])
+            buffer.assign(ops.where(active, updated, current) if self.burnin_steps else updated)
         self.step.assign_add(1)
         return mean_bar, var_bar
 

@@ -10,7 +10,7 @@ activation.
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm.layers._base import NormActBase, per_channel_options, serialize_options
 from tf_proxynorm.layers.moving_statistics import MovingStatistics
@@ -69,12 +69,12 @@ class _EvoNorm(NormActBase):
             self._add_channel_weights(("v",), channels, self._v_options)
 
     def _per_channel(self, value, dtype):
-        return tf.reshape(tf.cast(value, dtype), self._broadcast)
+        return ops.reshape(ops.cast(value, dtype), self._broadcast)
 
     def _normalize(self, inputs, training, update):
         """The EvoNorm normalization-activation before gamma and beta (no mean removed);
         the input itself in the linear form."""
-        x = tf.cast(inputs, stats_dtype(inputs.dtype))
+        x = ops.cast(inputs, stats_dtype(inputs.dtype))
         return self._evonorm(x, training, update) if self.nonlinear else x
 
     def get_config(self):
@@ -161,8 +161,8 @@ class EvoNormS0(_EvoNorm):
 
     def _evonorm(self, x, training, update):
         _, var, to_channels = group_moments(x, self._axis, self._groups)
-        gate = tf.sigmoid(self._per_channel(self.v, x.dtype) * x)
-        return x * gate * to_channels(tf.math.rsqrt(var + self.epsilon))
+        gate = ops.sigmoid(self._per_channel(self.v, x.dtype) * x)
+        return x * gate * to_channels(ops.rsqrt(var + self.epsilon))
 
     def get_config(self):
         return {**super().get_config(), "groups": self.groups, "group_size": self.group_size}
@@ -225,11 +225,11 @@ class EvoNormB0(_EvoNorm):
     def _evonorm(self, x, training, update):
         (batch_var,) = self.moving_statistics.select(
             training, lambda: norm_act_ops.batch_moments(x, self._axis)[1:], update)
-        positions = [a for a in range(1, x.shape.rank) if a != self._axis]
+        positions = [a for a in range(1, len(x.shape)) if a != self._axis]
         _, instance_var = moments(x, positions, keepdims=True)
-        left = self._per_channel(tf.sqrt(tf.cast(batch_var, x.dtype) + self.epsilon), x.dtype)
-        right = self._per_channel(self.v, x.dtype) * x + tf.sqrt(instance_var + self.epsilon)
-        return x / tf.maximum(left, right)
+        left = self._per_channel(ops.sqrt(ops.cast(batch_var, x.dtype) + self.epsilon), x.dtype)
+        right = self._per_channel(self.v, x.dtype) * x + ops.sqrt(instance_var + self.epsilon)
+        return x / ops.maximum(left, right)
 
     def get_config(self):
         return {**super().get_config(), **self.moving_statistics.config()}

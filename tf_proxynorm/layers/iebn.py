@@ -1,7 +1,7 @@
 """Instance Enhancement Batch Normalization (IEBN): BatchNorm with a per-example gate."""
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm.layers._base import per_channel_options, serialize_options
 from tf_proxynorm.layers.norm_act import BatchNormAct
@@ -89,13 +89,14 @@ class InstanceEnhancementBatchNormalization(BatchNormAct):
         self._add_channel_weights(_GATE_WEIGHTS, channels, self._gate_options)
 
     def _normalize_act(self, inputs, training):
-        rank = inputs.shape.rank
+        rank = len(inputs.shape)
         axis = channel_axis(rank, self.axis)
         x_hat = self._normalize(inputs, training, update=True)
         pooled, _ = moments(inputs, [a for a in range(1, rank) if a != axis], keepdims=True)
-        per_channel = lambda w: tf.reshape(tf.cast(w, pooled.dtype), self._broadcast)  # noqa: E731
-        gate = tf.sigmoid(per_channel(self.gate_weight) * pooled + per_channel(self.gate_bias))
-        return self._affine_act(x_hat * tf.cast(gate, x_hat.dtype))
+        weight, bias = (ops.reshape(ops.cast(w, pooled.dtype), self._broadcast)
+                        for w in (self.gate_weight, self.gate_bias))
+        gate = ops.sigmoid(weight * pooled + bias)
+        return self._affine_act(x_hat * ops.cast(gate, x_hat.dtype))
 
     def get_config(self):
         return {**super().get_config(), **serialize_options(*self._gate_options)}

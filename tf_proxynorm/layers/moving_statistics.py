@@ -25,7 +25,7 @@ mean, var = stats.select(training, lambda: moments(x, axes), update=True)
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 
 class MovingStatistics:
@@ -93,7 +93,7 @@ class MovingStatistics:
         """`moving = moving * momentum + batch * (1 - momentum)` for each statistic."""
         for moving, value in zip(self.variables, batch, strict=True):
             moving.assign(moving * self.momentum
-                          + tf.cast(value, moving.dtype) * (1.0 - self.momentum))
+                          + ops.cast(value, moving.dtype) * (1.0 - self.momentum))
 
     def config(self):
         """The Keras config entries: `momentum` and one `<name>_initializer` per name."""

@@ -1,7 +1,7 @@
 """GroupNorm / LayerNorm / InstanceNorm / BatchNorm + activation (+ Proxy Normalization)."""
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm import config, fused
 from tf_proxynorm.layers._base import NormActBase
@@ -24,8 +24,9 @@ _COMMON_ARGS_DOC = """
         center: whether to add the per-channel offset `beta` before the activation.
         scale: whether to multiply by the per-channel `gamma` before the activation.
         implementation: `"auto"` (fused kernel when it can run, else reference),
-            `"fused"` (raise when the fused kernel cannot run) or `"reference"`
-            (pure TensorFlow, XLA-compilable). See `tf_proxynorm.config`.
+            `"fused"` (raise when the fused kernel cannot run; TensorFlow backend only) or
+            `"reference"` (`keras.ops`, XLA-compilable, every backend). See
+            `tf_proxynorm.config`.
         {beta,gamma,proxy_beta,proxy_gamma}_initializer: initializers; defaults
             ones for gamma, zeros otherwise.
         {beta,gamma,proxy_beta,proxy_gamma}_regularizer: optional regularizers. The
@@ -57,6 +58,13 @@ class _GroupNormAct(NormActBase):
                 f"Number of groups ({self.groups}) must divide the number of channels "
                 f"({channels}) of the input. Received: groups={self.groups}, "
                 f"input_shape={tuple(input_shape)}")
+        if self.implementation == "fused" and keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                "implementation='fused' needs the TensorFlow backend (the fused op is a "
+                f"TensorFlow custom op), but the Keras backend is "
+                f"{keras.backend.backend()!r}. Use implementation='auto' or 'reference' (the "
+                "keras.ops reference path, which runs on every backend). "
+                "Received: implementation='fused'")
         if self.implementation == "fused" and not fused.fused_op_available():
             raise ValueError(
                 "implementation='fused' was requested but the fused op is not available: "
@@ -74,7 +82,7 @@ class _GroupNormAct(NormActBase):
     def _normalize_act(self, inputs, training):
         # One op for the whole layer (the fused kernel when it can run).
         step_mean, step_inv_std = self._output_step()
-        gamma, beta = (None if w is None else tf.convert_to_tensor(w)
+        gamma, beta = (None if w is None else ops.convert_to_tensor(w)
                        for w in (self.gamma, self.beta))
         return norm_act_ops.group_norm_act(
             inputs, gamma, beta, groups=self._groups, axis=self.axis,
@@ -237,8 +245,8 @@ class ShiftedGroupNormAct(_GroupNormAct):
                                       trainable=True, autocast=False, dtype="float32")
 
     def _output_step(self):
-        offset = tf.convert_to_tensor(self.offset)
-        return -offset, tf.ones_like(offset)
+        offset = ops.convert_to_tensor(self.offset)
+        return -offset, ops.ones_like(offset)
 
 
 @_register
@@ -262,7 +270,8 @@ class BatchNormAct(NormActBase):
         momentum: momentum of the moving averages. Defaults to 0.99 (as Keras).
         moving_mean_initializer, moving_variance_initializer: zeros and ones.
         synchronized: compute the batch statistics across replicas of a
-            `tf.distribute` strategy (Keras' synchronized BatchNorm).
+            `tf.distribute` strategy (Keras' synchronized BatchNorm). As in Keras, only
+            the TensorFlow backend synchronizes; other backends use the local batch.
 
     The switch between batch and moving statistics and the update of the moving averages
     are those of every batch-statistics layer of the package: see
@@ -294,7 +303,7 @@ class BatchNormAct(NormActBase):
         self.moving_statistics.build(self._statistics_shape(input_shape))
 
     def _batch_moments(self, inputs):
-        rank = inputs.shape.rank
+        rank = len(inputs.shape)
         axes = [a for a in range(rank) if a != self.axis % rank]
         return moments(inputs, axes, synchronized=self.synchronized)
 

@@ -6,7 +6,7 @@ PN-Act alone (`ProxyNormAct`) take the proxy arguments and own `proxy_beta` and
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm.layers._base import AffineActBase, per_channel_options, serialize_options
 from tf_proxynorm.ops.proxy import NUM_PROXY_SAMPLES, PROXY_EPSILON, proxy_moments
@@ -57,7 +57,7 @@ class ProxyNormMixin:
             return None, None
         mean, var = proxy_moments(self.gamma, self.beta, self.proxy_beta, self.proxy_gamma,
                                   self._activation_fn, NUM_PROXY_SAMPLES)
-        return mean, tf.math.rsqrt(var + self.proxy_epsilon)
+        return mean, ops.rsqrt(var + self.proxy_epsilon)
 
     def get_config(self):
         return {**super().get_config(), "proxy_epsilon": self.proxy_epsilon,

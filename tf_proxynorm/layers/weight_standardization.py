@@ -6,7 +6,7 @@ baselines of the Proxy Normalization paper are `WSConv2D` followed by `GroupNorm
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm.ops.stats import moments
 
@@ -20,12 +20,13 @@ def standardize_kernel(kernel, epsilon=WS_EPSILON):
     `Conv2D` kernel, in float32 at least. Gradients flow through the standardization; the
     std of a constant filter has a zero (not NaN) gradient.
     """
-    axes = list(range(kernel.shape.rank - 1))
+    kernel = ops.convert_to_tensor(kernel)
+    axes = list(range(len(kernel.shape) - 1))
     mean, var = moments(kernel, axes, keepdims=True)
     positive = var > 0
-    safe_var = tf.where(positive, var, tf.ones_like(var))
-    std = tf.where(positive, tf.sqrt(safe_var), tf.zeros_like(var))
-    return (tf.cast(kernel, mean.dtype) - mean) / (std + epsilon)
+    safe_var = ops.where(positive, var, ops.ones_like(var))
+    std = ops.where(positive, ops.sqrt(safe_var), ops.zeros_like(var))
+    return (ops.cast(kernel, mean.dtype) - mean) / (std + epsilon)
 
 
 @keras.saving.register_keras_serializable(package="tf_proxynorm")
@@ -78,11 +79,11 @@ class WSConv2D(keras.layers.Conv2D):
     @property
     def standardized_kernel(self):
         """The kernel the convolution uses (float32), e.g. to export a plain Conv2D."""
-        return standardize_kernel(tf.convert_to_tensor(self.kernel), self.epsilon)
+        return standardize_kernel(ops.convert_to_tensor(self.kernel), self.epsilon)
 
     def convolution_op(self, inputs, kernel):
         kernel = standardize_kernel(kernel, self.epsilon)
-        return super().convolution_op(inputs, tf.cast(kernel, inputs.dtype))
+        return super().convolution_op(inputs, ops.cast(kernel, inputs.dtype))
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}

@@ -7,6 +7,7 @@ callable, runs in the reference path only.
 
 import keras
 import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm.fused.abi import KERNEL_ACTIVATIONS as FUSED_ACTIVATIONS
 from tf_proxynorm.fused.abi import LEAKY_RELU_SLOPE
@@ -15,23 +16,23 @@ _ALIASES = {None: "identity", "linear": "identity", "identity": "identity", "swi
 
 
 def _gelu(x):
-    return 0.5 * x * (1.0 + tf.math.erf(x * 0.7071067811865476))
+    return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
 
 
 _FUNCTIONS = {
     "identity": lambda x: x,
-    "relu": tf.nn.relu,
-    "silu": tf.nn.silu,
+    "relu": ops.relu,
+    "silu": ops.silu,
     "gelu": _gelu,
-    "leaky_relu": lambda x: tf.nn.leaky_relu(x, alpha=LEAKY_RELU_SLOPE),
+    "leaky_relu": lambda x: ops.leaky_relu(x, negative_slope=LEAKY_RELU_SLOPE),
 }
 
 
 # Keras/TF functions that compute exactly a fused activation (with default arguments).
 _KNOWN_CALLABLES = {
     "identity": (keras.activations.linear,),
-    "relu": (keras.activations.relu, tf.nn.relu),
-    "silu": (keras.activations.silu, tf.nn.silu),
+    "relu": (keras.activations.relu, ops.relu, tf.nn.relu),
+    "silu": (keras.activations.silu, ops.silu, tf.nn.silu),
     "gelu": (keras.activations.gelu,),
     "leaky_relu": (keras.activations.leaky_relu,),
 }

@@ -145,8 +145,12 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
     if (proxy_mean is None) != (proxy_inv_std is None):
         raise ValueError("Pass both `proxy_mean` and `proxy_inv_std`, or neither.")
     name = activations.canonical_name(activation)
-    if name is not None:
+    if name is not None and keras.backend.backend() != "torch":
         act, act_grad = _ACTIVATIONS[name]
+    elif name is not None:
+        # Keras' `custom_gradient` on PyTorch is a `torch.autograd.Function` whose backward
+        # is not differentiated again: autodiff keeps second-order gradients right there.
+        act, act_grad = _ACTIVATIONS[name][0], False
     else:
         _, act = activations.get(activation)
         act_grad = False  # autodiff

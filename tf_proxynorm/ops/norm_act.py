@@ -7,6 +7,7 @@ XLA-compilable reference path written here.
 """
 
 import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm import config, fused
 from tf_proxynorm.ops import activations, group_norm
@@ -16,7 +17,7 @@ from tf_proxynorm.ops.stats import channel_axis, moments, stats_dtype
 def _per_channel(v, rank, axis, dtype):
     shape = [1] * rank
     shape[axis] = -1
-    return tf.reshape(tf.cast(v, dtype), shape)
+    return ops.reshape(ops.cast(v, dtype), shape)
 
 
 def affine_act_proxy(y, gamma=None, beta=None, *, axis=-1, activation="relu",
@@ -26,7 +27,7 @@ def affine_act_proxy(y, gamma=None, beta=None, *, axis=-1, activation="relu",
     Every per-channel argument may be None (gamma = 1, beta = 0, no proxy step).
     Computes in the dtype of `y`.
     """
-    rank = y.shape.rank
+    rank = len(y.shape)
     axis = channel_axis(rank, axis)
     _, fn = activations.get(activation)
     if gamma is not None:
@@ -42,7 +43,7 @@ def affine_act_proxy(y, gamma=None, beta=None, *, axis=-1, activation="relu",
 
 def group_norm_act_reference(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
                              activation="relu", proxy_mean=None, proxy_inv_std=None):
-    """Pure-TF (XLA-compilable) `group_norm_act`; the numerical target of the fused op.
+    """The XLA-compilable `group_norm_act` in `keras.ops`; the fused op's numerical target.
 
     ```python
     y = act((x - mean) * (gamma * rsqrt(var + epsilon)) + beta)   # per (example, group)
@@ -54,8 +55,7 @@ def group_norm_act_reference(x, gamma=None, beta=None, *, groups, axis=-1, epsil
     twice-differentiable backward (two sums and one elementwise pass over `x` and `dy`).
     The second derivative of the fused op differentiates this function.
     """
-    rank = x.shape.rank
-    axis = channel_axis(rank, axis)
+    axis = channel_axis(len(x.shape), axis)
     return group_norm.group_norm_act(
         x, gamma, beta, groups=groups, axis=axis, epsilon=epsilon, activation=activation,
         proxy_mean=proxy_mean, proxy_inv_std=proxy_inv_std)
@@ -92,7 +92,7 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
     if implementation != "reference":
         name = activations.canonical_name(activation)
         if fused.can_use_fused(x, name, axis):
-            ones = lambda v, fill: v if v is not None else tf.fill([x.shape[axis]], fill)  # noqa: E731
+            ones = lambda v, fill: v if v is not None else ops.full([x.shape[axis]], fill)  # noqa: E731
             return fused.group_norm_act(
                 x, ones(gamma, 1.0), ones(beta, 0.0), proxy_mean, proxy_inv_std,
                 groups=groups, axis=axis, epsilon=epsilon, activation=name)
@@ -108,7 +108,7 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
 
 def batch_moments(x, axis=-1):
     """Per-channel mean and variance over every axis but `axis` (float32 at least)."""
-    rank = x.shape.rank
+    rank = len(x.shape)
     axis = channel_axis(rank, axis)
     return moments(x, [a for a in range(rank) if a != axis])
 
@@ -116,11 +116,11 @@ def batch_moments(x, axis=-1):
 def batch_norm_act(x, mean, var, gamma=None, beta=None, *, axis=-1, epsilon=1e-3,
                    activation="relu"):
     """`act(gamma * (x - mean) / sqrt(var + epsilon) + beta)` with per-channel statistics."""
-    rank = x.shape.rank
+    rank = len(x.shape)
     axis = channel_axis(rank, axis)
     dtype = stats_dtype(x.dtype)
-    y = (tf.cast(x, dtype) - _per_channel(mean, rank, axis, dtype)) * _per_channel(
-        tf.math.rsqrt(tf.cast(var, dtype) + epsilon), rank, axis, dtype)
+    y = (ops.cast(x, dtype) - _per_channel(mean, rank, axis, dtype)) * _per_channel(
+        ops.rsqrt(ops.cast(var, dtype) + epsilon), rank, axis, dtype)
     return affine_act_proxy(y, gamma, beta, axis=axis, activation=activation)
 
 

@@ -10,7 +10,7 @@ import functools
 import statistics
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from tf_proxynorm.ops import activations
 
@@ -28,7 +28,7 @@ def _quantiles_np(num_samples):
 
 def gaussian_quantiles(num_samples=NUM_PROXY_SAMPLES, dtype="float32"):
     """The `num_samples` standard-normal quantiles at mid-points, `ndtri((i + 0.5) / n)`."""
-    return tf.constant(_quantiles_np(int(num_samples)), dtype=dtype)
+    return ops.convert_to_tensor(_quantiles_np(int(num_samples)), dtype=dtype)
 
 
 def proxy_moments(gamma, beta, proxy_beta, proxy_gamma, activation="relu",
@@ -56,9 +56,9 @@ def proxy_moments(gamma, beta, proxy_beta, proxy_gamma, activation="relu",
     params = [p for p in (gamma, beta, proxy_beta, proxy_gamma) if p is not None]
     if not params:
         raise ValueError("proxy_moments needs at least one per-channel parameter.")
-    params = [tf.cast(p, tf.float32) for p in params]
-    zeros = tf.zeros_like(params[0])
-    as_f32 = lambda p, default: default if p is None else tf.cast(p, tf.float32)  # noqa: E731
+    params = [ops.cast(p, "float32") for p in params]
+    zeros = ops.zeros_like(params[0])
+    as_f32 = lambda p, default: default if p is None else ops.cast(p, "float32")  # noqa: E731
     gamma, beta = as_f32(gamma, zeros + 1.0), as_f32(beta, zeros)
     proxy_beta, proxy_gamma = as_f32(proxy_beta, zeros), as_f32(proxy_gamma, zeros)
     _, fn = activations.get(activation)
@@ -68,6 +68,6 @@ def proxy_moments(gamma, beta, proxy_beta, proxy_gamma, activation="relu",
     scale = gamma * (1.0 + proxy_gamma)
     shift = gamma * proxy_beta + beta
     u = fn(q * scale + shift)
-    mean = tf.reduce_mean(u, axis=0)
-    var = tf.reduce_mean(tf.math.squared_difference(u, mean), axis=0)
+    mean = ops.mean(u, axis=0)
+    var = ops.mean(ops.square(u - mean), axis=0)
     return mean, var

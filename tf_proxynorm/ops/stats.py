@@ -7,12 +7,23 @@ Numerical contract (as flax's `_compute_stats`):
 - it works for unknown (None) batch and spatial sizes and compiles under XLA.
 """
 
+import keras
 import tensorflow as tf
+from keras import ops
 
 
 def stats_dtype(dtype):
     """float32 for float16/bfloat16/float32 inputs, float64 for float64."""
-    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
+
+
+def _replica_context():
+    """The `tf.distribute` replica context of a synchronized reduction, or None (not in a
+    replica context with more than one replica, or not the TensorFlow backend)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    replica = tf.distribute.get_replica_context()
+    return replica if replica is not None and replica.num_replicas_in_sync > 1 else None
 
 
 def moments(x, axes, keepdims=False, synchronized=False):
@@ -22,30 +33,32 @@ def moments(x, axes, keepdims=False, synchronized=False):
         x: a tensor.
         axes: the axes to reduce.
         keepdims: keep the reduced axes with size 1.
-        synchronized: inside a `tf.distribute` replica context, reduce over the global
-            batch of every replica (the statistics of Keras' synchronized
+        synchronized: inside a `tf.distribute` replica context (TensorFlow backend), reduce
+            over the global batch of every replica (the statistics of Keras' synchronized
             `BatchNormalization`), still in two passes: one all-reduce of the sums and
             counts for the mean, one of the squared deviations for the variance. Outside
-            a strategy this is the local computation.
+            a strategy, and on the other backends, this is the local computation.
     """
-    x = tf.cast(x, stats_dtype(x.dtype))
-    replica = tf.distribute.get_replica_context() if synchronized else None
-    if replica is not None and replica.num_replicas_in_sync > 1:
-        local_count = tf.reduce_prod(tf.gather(tf.shape(x), axes))
-        count = replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(local_count, x.dtype))
+    x = ops.convert_to_tensor(x)
+    x = ops.cast(x, stats_dtype(x.dtype))
+    axes = list(axes)
+    replica = _replica_context() if synchronized else None
+    if replica is not None:
+        local_count = ops.prod(ops.stack([ops.shape(x)[a] for a in axes]))
+        count = replica.all_reduce(tf.distribute.ReduceOp.SUM, ops.cast(local_count, x.dtype))
 
         def mean_of(values):
-            return replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(
+            return replica.all_reduce(tf.distribute.ReduceOp.SUM, ops.sum(
                 values, axis=axes, keepdims=True)) / count
     else:
         def mean_of(values):
-            return tf.reduce_mean(values, axis=axes, keepdims=True)
+            return ops.mean(values, axis=axes, keepdims=True)
     mean = mean_of(x)
-    var = mean_of(tf.math.squared_difference(x, tf.stop_gradient(mean)))
+    var = mean_of(ops.square(x - ops.stop_gradient(mean)))
     # The stop_gradient above is exact: d var / d mean = -2 mean(x - mean) = 0.
     if not keepdims:
-        mean = tf.squeeze(mean, axes)
-        var = tf.squeeze(var, axes)
+        mean = ops.squeeze(mean, axes)
+        var = ops.squeeze(var, axes)
     return mean, var
 
 
@@ -69,31 +82,28 @@ def group_view(x, axis, groups):
     Returns the view, its reduction axes, and a function that maps an `(N, G)` tensor
     back to a tensor that broadcasts against `x` per (example, channel).
     """
-    rank = x.shape.rank
+    rank = len(x.shape)
     axis = channel_axis(rank, axis)
     channels = x.shape[axis]
     per_group = channels // groups
-    shape = tf.shape(x)
-    batch = shape[0]
+    batch = ops.shape(x)[0]
     if axis == rank - 1:
-        view = tf.reshape(x, tf.stack([batch, -1, groups, per_group]))
+        view = ops.reshape(x, (batch, -1, groups, per_group))
         reduce_axes = [1, 3]
     elif axis == 1:
-        view = tf.reshape(x, tf.stack([batch, groups, -1]))
+        view = ops.reshape(x, (batch, groups, -1))
         reduce_axes = [2]
     else:  # channels on a middle axis: move them last first (a transpose)
         perm = [0] + [a for a in range(1, rank) if a != axis] + [axis]
-        view = tf.reshape(tf.transpose(x, perm), tf.stack([batch, -1, groups, per_group]))
+        view = ops.reshape(ops.transpose(x, perm), (batch, -1, groups, per_group))
         reduce_axes = [1, 3]
-
-    broadcast_shape = [1] * rank
 
     def to_channels(stat):
         """(N, G) -> shape broadcastable to x, repeating each group value per channel."""
-        per_channel = tf.repeat(stat, per_group, axis=1) if per_group > 1 else stat
-        shape = [-1] + broadcast_shape[1:]
+        per_channel = ops.repeat(stat, per_group, axis=1) if per_group > 1 else stat
+        shape = [-1] + [1] * (rank - 1)
         shape[axis] = channels
-        return tf.reshape(per_channel, shape)
+        return ops.reshape(per_channel, shape)
 
     return view, reduce_axes, to_channels
 

@@ -1,0 +1,146 @@
+"""Files written under one Keras backend, read under another (this file runs once per
+backend; see conftest.py).
+
+- a `.keras` file of a small GN+PN / BN / LN+PN model, saved by a subprocess running the
+  *other* backend (TensorFlow <-> JAX), loads here and gives the outputs the saving
+  process computed (inference and training mode) and those of a float64 NumPy forward
+  of its weights (`tests/reference.py`);
+- `tfpn.export_saved_model` is TensorFlow-only: elsewhere a clear error at the call;
+- `model.export(format="tf_saved_model")` of a folded GN+PN CIFAR ResNet (with JAX:
+  through jax2tf) reloads with `tf.saved_model.load` and serves the model's outputs.
+"""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import reference as R
+import tf_proxynorm as tfpn
+
+BACKEND = keras.backend.backend()
+OTHER = "jax" if BACKEND == "tensorflow" else "tensorflow"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Run by the other backend: builds the model, gives every weight a non-trivial value,
+# saves it, then records its outputs (after saving: a training-mode call updates BN's
+# moving statistics).
+SAVE_SCRIPT = r"""
+import sys
+import keras
+import numpy as np
+import tf_proxynorm as tfpn
+
+path = sys.argv[1]
+L = keras.layers
+z = {"kernel_initializer": "zeros"}   # all weights are assigned below
+inputs = keras.Input((6, 6, 3), name="images")
+h = L.Conv2D(8, 3, padding="same", name="conv1", **z)(inputs)
+h = tfpn.get_norm_act_layer("gn+pn", groups=4, name="gn_pn")(h)
+h = L.Conv2D(8, 3, padding="same", use_bias=False, name="conv2", **z)(h)
+h = tfpn.get_norm_act_layer("bn", name="bn")(h)
+h = L.Conv2D(8, 1, name="conv3", **z)(h)
+h = tfpn.get_norm_act_layer("ln+pn", activation="silu", name="ln_pn")(h)
+h = L.GlobalAveragePooling2D(name="pool")(h)
+model = keras.Model(inputs, L.Dense(3, name="dense", **z)(h))
+rng = np.random.default_rng(0)
+for v in model.weights:
+    name = v.path.rsplit("/", 1)[-1]
+    value = {"gamma": 1.0 + 0.3 * rng.standard_normal(v.shape),
+             "moving_variance": rng.uniform(0.5, 2.0, v.shape),
+             "kernel": rng.standard_normal(v.shape) / np.sqrt(np.prod(v.shape[:-1]))}.get(
+                 name, 0.3 * rng.standard_normal(v.shape))
+    v.assign(value.astype("float32"))
+model.save(path + ".keras")
+x = rng.standard_normal((4, 6, 6, 3)).astype("float32")
+np.savez(path + ".npz", x=x,
+         inference=keras.ops.convert_to_numpy(model(x, training=False)),
+         training=keras.ops.convert_to_numpy(model(x, training=True)))
+print("saved with", keras.backend.backend())
+"""
+
+
+def _conv_same(x, kernel, bias=None):
+    kh, kw = kernel.shape[:2]
+    xp = np.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
+    n, h, w, _ = x.shape
+    out = sum(xp[:, i:i + h, j:j + w, :] @ kernel[i, j] for i in range(kh) for j in range(kw))
+    return out if bias is None else out + bias
+
+
+def _reference(p, x, training):
+    """Float64 forward of SAVE_SCRIPT's model from its weights `p` (path -> array)."""
+    w = lambda name: p[name].astype(np.float64)  # noqa: E731
+    h = _conv_same(x.astype(np.float64), w("conv1/kernel"), w("conv1/bias"))
+    h = R.group_norm_act(h, 4, gamma=w("gn_pn/gamma"), beta=w("gn_pn/beta"),
+                         proxy=(w("gn_pn/proxy_beta"), w("gn_pn/proxy_gamma")))
+    h = _conv_same(h, w("conv2/kernel"))
+    stats = {} if training else {"mean": w("bn/moving_mean"), "var": w("bn/moving_variance")}
+    h = R.batch_norm_act(h, gamma=w("bn/gamma"), beta=w("bn/beta"), **stats)
+    h = _conv_same(h, w("conv3/kernel"), w("conv3/bias"))
+    h = R.group_norm_act(h, 1, activation="silu", gamma=w("ln_pn/gamma"),
+                         beta=w("ln_pn/beta"),
+                         proxy=(w("ln_pn/proxy_beta"), w("ln_pn/proxy_gamma")))
+    return h.mean((1, 2)) @ w("dense/kernel") + w("dense/bias")
+
+
+def test_keras_file_saved_under_the_other_backend(tmp_path):
+    path = str(tmp_path / "model")
+    # XLA_FLAGS: the saving process's run time is mostly compiling tiny programs.
+    env = {**os.environ, "KERAS_BACKEND": OTHER, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "XLA_FLAGS": "--xla_backend_optimization_level=0",
+           "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", SAVE_SCRIPT, path], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"saved with {OTHER}" in out.stdout
+
+    saved = np.load(path + ".npz")
+    model = keras.saving.load_model(path + ".keras")
+    assert [type(model.get_layer(n)) for n in ("gn_pn", "bn", "ln_pn")] == [
+        tfpn.GroupNormAct, tfpn.BatchNormAct, tfpn.LayerNormAct]
+    weights = {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}
+    x = saved["x"]
+    got = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_allclose(got, saved["inference"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, _reference(weights, x, training=False), rtol=1e-4,
+                               atol=1e-4)
+    got = keras.ops.convert_to_numpy(model(x, training=True))
+    np.testing.assert_allclose(got, saved["training"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, _reference(weights, x, training=True), rtol=1e-4,
+                               atol=1e-4)
+
+
+def _cifar_resnet():
+    model = tfpn.models.cifar_resnet(8, norm="gn+pn", norm_kwargs={"groups": 4},
+                                     num_classes=3, input_shape=(8, 8, 3))
+    rng = np.random.default_rng(1)
+    for v in model.weights:
+        if v.path.rsplit("/", 1)[-1] in ("beta", "proxy_beta", "proxy_gamma"):
+            v.assign((0.3 * rng.standard_normal(v.shape)).astype("float32"))
+    return model
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="the error is for other backends")
+def test_export_saved_model_needs_the_tensorflow_backend(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), tfpn.GroupNormAct(groups=1)])
+    with pytest.raises(RuntimeError, match=f"needs the TensorFlow backend.*"
+                       f"format=\"tf_saved_model\".*Received: backend='{BACKEND}'"):
+        tfpn.export_saved_model(model, str(tmp_path / "served"))
+    assert not os.path.exists(tmp_path / "served")
+
+
+def test_keras_export_of_a_folded_model_loads_in_tensorflow(tmp_path):
+    import tensorflow as tf
+
+    model = _cifar_resnet()
+    folded = tfpn.fold_for_inference(model)
+    folded.export(str(tmp_path / "served"), format="tf_saved_model", verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    x = np.random.default_rng(2).standard_normal((5, 8, 8, 3)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(), expected, rtol=1e-5,
+                               atol=1e-5)
