@@ -226,10 +226,11 @@ class CBNReference:
         return R.act(activation, y).reshape(n, ho, wo, c)
 
 
-def assert_matches_finite_differences(grads, names, x, params, ref_loss, h=1e-6):
-    """Asserts `grads` (of x, then of `params[name]` for `names`) equal the central finite
-    differences of the float64 scalar `ref_loss(x, params)`."""
-    for target, grad in zip(["x"] + list(names), grads):
+def finite_differences(ref_loss, x, params, names=None, h=1e-6):
+    """`{name: gradient}` by central finite differences of the float64 scalar
+    `ref_loss(x, params)`, for "x" and each of `names` (default: every param)."""
+    out = {}
+    for target in ["x"] + list(params if names is None else names):
         base = x if target == "x" else params[target]
         numeric = np.zeros(base.shape)
         for idx in np.ndindex(*base.shape):
@@ -241,5 +242,14 @@ def assert_matches_finite_differences(grads, names, x, params, ref_loss, h=1e-6)
             else:
                 numeric[idx] = (ref_loss(x, {**params, target: hi})
                                 - ref_loss(x, {**params, target: lo})) / (2 * h)
-        np.testing.assert_allclose(np.asarray(grad), numeric, atol=1e-6, rtol=1e-5,
+        out[target] = numeric
+    return out
+
+
+def assert_matches_finite_differences(grads, names, x, params, ref_loss, h=1e-6):
+    """Asserts `grads` (of x, then of `params[name]` for `names`) equal the central finite
+    differences of the float64 scalar `ref_loss(x, params)`."""
+    numeric = finite_differences(ref_loss, x, params, names, h)
+    for target, grad in zip(["x"] + list(names), grads):
+        np.testing.assert_allclose(np.asarray(grad), numeric[target], atol=1e-6, rtol=1e-5,
                                    err_msg=target)

@@ -147,23 +147,6 @@ def test_standardize_kernel(rng):
 
 
 # ---- gradients ---------------------------------------------------------------------------
-def _numeric_gradients(loss, x, params, h=1e-6):
-    """Central differences of the float64 scalar `loss(x, params)` for x and every param."""
-    out = {}
-    for target in ["x", *params]:
-        base = x if target == "x" else params[target]
-        numeric = np.zeros(base.shape)
-        for idx in np.ndindex(*base.shape):
-            hi, lo = base.copy(), base.copy()
-            hi[idx] += h
-            lo[idx] -= h
-            if target == "x":
-                numeric[idx] = (loss(hi, params) - loss(lo, params)) / (2 * h)
-            else:
-                numeric[idx] = (loss(x, {**params, target: hi})
-                                - loss(x, {**params, target: lo})) / (2 * h)
-        out[target] = numeric
-    return out
 
 
 def _assert_gradients(dx, dweights, numeric):
@@ -194,7 +177,8 @@ def test_gradients_match_finite_differences(rng, name, training):
     y, dx, dweights = layer_gradients(wrapped, x, dy.astype("float32"), training=training)
     assert sorted(dweights) == sorted(params)
     np.testing.assert_allclose(y, ref(x64, p64, stats)[0], atol=3e-5, rtol=1e-5)
-    numeric = _numeric_gradients(lambda x_, p: float((ref(x_, p, stats)[0] * dy).sum()), x64, p64)
+    numeric = RO.finite_differences(lambda x_, p: float((ref(x_, p, stats)[0] * dy).sum()),
+                                    x64, p64)
     _assert_gradients(dx, dweights, numeric)
 
 
@@ -321,7 +305,7 @@ def test_cbn_gradients_flow_only_through_the_current_step(rng):
     dy = rng.standard_normal(output(z64, p64).shape)
     y, dz, dweights = layer_gradients(layer, z, dy.astype("float32"), training=True)
     np.testing.assert_allclose(y, output(z64, p64), atol=1e-4, rtol=1e-4)
-    numeric = _numeric_gradients(lambda z_, p: float((output(z_, p) * dy).sum()), z64, p64)
+    numeric = RO.finite_differences(lambda z_, p: float((output(z_, p) * dy).sum()), z64, p64)
     _assert_gradients(dz, dweights, numeric)
 
 

@@ -193,6 +193,20 @@ def failed_log(directory):
     return directory.with_name(directory.name + ".failed.log")
 
 
+def cache_files(directory):
+    """The files a build left in the cache directory `directory`, for reports:
+    `build_log` and `failed_log` (paths, or None when absent) and `stamp` (the parsed
+    stamp, None when absent, or `{"error": ...}` when unreadable)."""
+    stamp, log, failed = directory / STAMP_NAME, directory / LOG_NAME, failed_log(directory)
+    out = {"build_log": log if log.is_file() else None,
+           "failed_log": failed if failed.is_file() else None}
+    try:
+        out["stamp"] = json.loads(stamp.read_text()) if stamp.is_file() else None
+    except (OSError, ValueError) as e:
+        out["stamp"] = {"error": f"unreadable {stamp}: {e}"}
+    return out
+
+
 def find_library(config):
     """The path of a verified cached library for `config`, or None.
 

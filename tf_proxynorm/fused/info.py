@@ -16,7 +16,6 @@ python -m tf_proxynorm.info --build    # builds the library first when none is c
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -133,14 +132,7 @@ def describe_without_loading():
     except Exception as e:  # noqa: BLE001 - reported, never raised
         out["config_error"] = f"{type(e).__name__}: {e}"
     if directory is not None:
-        stamp, log = directory / build.STAMP_NAME, directory / build.LOG_NAME
-        out["build_log"] = log if log.is_file() else None
-        failed = build.failed_log(directory)
-        out["failed_log"] = failed if failed.is_file() else None
-        try:
-            out["stamp"] = json.loads(stamp.read_text()) if stamp.is_file() else None
-        except (OSError, ValueError) as e:
-            out["stamp"] = {"error": f"unreadable {stamp}: {e}"}
+        out.update(build.cache_files(directory))
     return out
 
 

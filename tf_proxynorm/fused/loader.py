@@ -7,7 +7,6 @@ missing sources, an unwritable cache, a failed build, a stale or mismatched libr
 warning is issued per process and every call uses the reference path.
 """
 
-import json
 import threading
 import warnings
 
@@ -134,14 +133,7 @@ def describe(allow_build=False):
     if library.path is not None:
         directory = library.path.parent
     if directory is not None:
-        stamp, log = directory / build.STAMP_NAME, directory / build.LOG_NAME
-        out["build_log"] = log if log.is_file() else None
-        failed = build.failed_log(directory)
-        out["failed_log"] = failed if failed.is_file() else None
-        try:
-            out["stamp"] = json.loads(stamp.read_text()) if stamp.is_file() else None
-        except (OSError, ValueError) as e:
-            out["stamp"] = {"error": f"unreadable {stamp}: {e}"}
+        out.update(build.cache_files(directory))
     if library.module is not None:
         out["kernels"] = {name: registered_kernels(name)
                           for name in (abi.OP_NAME, abi.GRAD_OP_NAME)}
