@@ -69,10 +69,35 @@ def test_against_numpy(rng, act):
     np.testing.assert_allclose(v.numpy(), v_ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
-def test_gradients_into_all_four_parameters(rng, act):
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "linear"])
+def test_piecewise_linear_extremes(act):
+    """relu, leaky_relu and linear sum over the quantiles from prefix sums (one binary search
+    per channel). Over scales 0 and 1e-6..1e2 of either sign, and kinks on and between
+    quantiles, they equal the float64 sums to float32 precision: errors at most 5e-7 of the
+    largest |u| (mean) and of its square (variance)."""
+    q = R.quantiles()
+    mags = [0.0, 1e-6, 1e-3, 0.1, 1.0, 7.0, 100.0]
+    signed = np.array(mags + [-m for m in mags[1:]])
+    gamma, beta = (g.ravel() for g in np.meshgrid(signed, signed))
+    on_kink = -np.concatenate([q[[0, 57, 100, 150, 199]], [q[99:101].mean(), q[170:172].mean()]])
+    gamma = np.concatenate([gamma, np.ones(7), -2.0 * np.ones(7)])
+    beta = np.concatenate([beta, on_kink, 2.0 * on_kink])
+    pb, pg = np.zeros_like(gamma), np.zeros_like(gamma)
+    pg[-7:] = 0.25  # the kink through proxy_gamma: scale -2.5, shift 2 * on_kink
+    m, v = (t.numpy() for t in proxy_moments(*(p.astype("float32") for p in (gamma, beta, pb, pg)),
+                                           act))
+    m_ref, v_ref = R.proxy_moments(gamma, beta, pb, pg, act)
+    size = np.abs(beta) + np.abs(gamma * (1 + pg)) * q.max()  # the largest |pre-activation|
+    assert np.all(np.abs(m - m_ref) <= 5e-7 * size + 1e-30)
+    assert np.all(np.abs(v - v_ref) <= 5e-7 * size ** 2 + 1e-30)
+    assert np.all(v >= 0)
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu", "leaky_relu", "linear"])
+@pytest.mark.parametrize("gamma_sign", [1, -1])
+def test_gradients_into_all_four_parameters(rng, act, gamma_sign):
     """Theoretical (autodiff) vs numerical Jacobians of (m, v) w.r.t. the four parameters."""
-    params = [tf.constant(rng.normal(s, 0.3, 3), tf.float64) for s in (1, 0, 0, 0)]
+    params = [tf.constant(rng.normal(s, 0.3, 3), tf.float64) for s in (gamma_sign, 0, 0, 0)]
 
     def f(g, b, pb, pg):
         m, v = proxy_moments(g, b, pb, pg, act)
