@@ -7,7 +7,7 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_WORKERS ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup data build demo test test-fast test-jax test-torch bench clean dist info study study-plan gpu-harness-emu gpu-harness
+.PHONY: setup data build torch demo test test-fast test-jax test-torch bench clean dist info study study-plan gpu-harness-emu gpu-harness
 
 setup: $(STAMP)
 
@@ -40,26 +40,37 @@ demo: setup data build
 	$(PY) examples/demo.py --data_dir $(DATA_DIR)
 
 # The whole suite on the TensorFlow backend, then the backend-neutral tests (tests/backends)
-# again on JAX, each backend in its own pytest process. On JAX most of the time is XLA
-# compiling many tiny programs: the lowest LLVM optimization level compiles them ~10x
-# faster (the same operations; the tests' tolerances are unchanged).
+# again on JAX and on PyTorch, each backend in its own pytest process. On JAX most of the
+# time is XLA compiling many tiny programs: the lowest LLVM optimization level compiles them
+# ~10x faster (the same operations; the tests' tolerances are unchanged).
 JAX_ENV := KERAS_BACKEND=jax XLA_FLAGS=--xla_backend_optimization_level=0
+TORCH_STAMP := $(VENV)/.torch-stamp
 
-test: setup build
+test: setup build torch
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
 	$(JAX_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=5 tests/backends
+	KERAS_BACKEND=torch $(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=5 tests/backends
 
-test-fast: setup build
+test-fast: setup build torch
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
 	$(JAX_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests/backends
+	KERAS_BACKEND=torch $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests/backends
 
 test-jax: setup
 	$(JAX_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) tests/backends
 
-# PyTorch (CPU wheel, not part of `make test`: see the README, "Backends").
-test-torch: setup
-	$(PY) -m pip install -q "torch==2.13.0+cpu" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+test-torch: setup torch
 	KERAS_BACKEND=torch $(PY) -m pytest -q -n $(PYTEST_WORKERS) tests/backends
+
+# PyTorch's CPU build (about 190 MB; PyPI's default Linux wheel pulls GB of CUDA libraries):
+# a local copy of it where pip finds one, otherwise PyTorch's CPU package index.
+torch: $(TORCH_STAMP)
+
+$(TORCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q "torch==2.13.0+cpu" 2>/dev/null || \
+	  $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu || \
+	  { echo "Could not install PyTorch's CPU build, needed by the PyTorch backend tests."; exit 1; }
+	touch $@
 
 bench: setup build
 	$(PY) benchmarks/bench_norm.py

@@ -9,7 +9,8 @@ Only Keras APIs and NumPy: the images are NumPy arrays (read from the IDX files 
 `dataset-fashion-mnist` package), the model is `tfpn.models.cifar_resnet` behind a
 `Normalization` of the pixels and random horizontal flips (active in training only),
 and `model.fit` compiles the training step with XLA (`--no-jit_compile` to run it
-without). The script prints the backend, one line per epoch, and the final test accuracy.
+without; on PyTorch it runs eagerly unless `--jit_compile` asks for torch.compile).
+The script prints the backend, one line per epoch, and the final test accuracy.
 See examples/train.py for the TensorFlow-only trainer (tf.data, tf.distribute,
 checkpoints, SavedModel export).
 """
@@ -51,8 +52,9 @@ def parse_args(argv=None):
                    "of PN's proxy parameters.")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips of the training images.")
-    p.add_argument("--jit_compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the train / test steps with XLA.")
+    p.add_argument("--jit_compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the train / test steps with XLA (default: on, except on "
+                        "the PyTorch backend, where Keras' jit_compile means torch.compile).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, help="write the trained model to this .keras file.")
     args = p.parse_args(argv)
@@ -127,9 +129,12 @@ def main(argv=None):
         args.data_dir, args.steps, args.batch_size, args.test_examples, args.seed)
     model = build_model(args, x_train)
     steps_per_epoch = -(-len(x_train) // args.batch_size)
+    jit_compile = args.jit_compile
+    if jit_compile is None:
+        jit_compile = keras.backend.backend() != "torch"
     model.compile(optimizer=make_optimizer(args, model, args.epochs * steps_per_epoch),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], jit_compile=args.jit_compile)
+                  metrics=["accuracy"], jit_compile=jit_compile)
     print(f"{model.name} with {args.norm}: {model.count_params():,} parameters; "
           f"{len(x_train)} training images, {steps_per_epoch} steps per epoch, "
           f"jit_compile={model.jit_compile}", flush=True)

@@ -13,6 +13,11 @@ import keras
 import numpy as np
 
 BACKEND = keras.backend.backend()
+# What `model.compile(jit_compile=...)` the fit tests use: XLA on TensorFlow and JAX. On
+# PyTorch, Keras' `jit_compile=True` means torch.compile (TorchDynamo, marked experimental by
+# Keras, and 10-100x slower to start than the step itself), so there the fit tests run
+# eagerly, as PyTorch users train; the GN+PN SGD-step test also runs a torch.compile step.
+JIT_COMPILE = BACKEND != "torch"
 
 
 def to_numpy(t):

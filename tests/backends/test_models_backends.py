@@ -1,8 +1,8 @@
 """`tfpn.models`, `convert_model`, `fold_for_inference` and examples/train_backends.py on
-the running Keras backend (this file runs once per backend; see conftest.py).
+the running Keras backend (this file runs once per backend; see backend_helpers.py).
 
 - every builder builds with the expected number of PN layers; one
-  `model.fit(jit_compile=True)` step gives a finite loss (ImageNet builders: `slow`,
+  `model.fit` step (XLA-compiled; eager on PyTorch) gives a finite loss (ImageNet builders: `slow`,
   compiling them takes minutes on a CPU; ResNet-34/101/152 run a forward pass only);
 - a CIFAR ResNet-20 GN+PN (pre-activation) learns a separable problem in 20 steps;
 - `convert_model` of a BatchNormalization / GroupNormalization model: the layers expected,
@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 
 import reference as R
+from backend_helpers import BACKEND, JIT_COMPILE
 import tf_proxynorm as tfpn
 from tf_proxynorm import data
 from tf_proxynorm.fold import ChannelAffine, ShiftedGroupNormAct
 from tf_proxynorm.layers._base import NormActBase
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
 
-BACKEND = keras.backend.backend()
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 M = tfpn.models
 L = keras.layers
@@ -150,8 +150,8 @@ def test_every_builder_takes_a_compiled_fit_step(rng, name, build, pn_layers):
     model = _build(build, pn_layers)
     model.compile(keras.optimizers.SGD(0.01),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=True)
-    assert model.jit_compile
+                  jit_compile=JIT_COMPILE)
+    assert model.jit_compile == JIT_COMPILE
     x = rng.standard_normal((2,) + model.input_shape[1:]).astype("float32")
     before = _numpy(model.get_layer("stem_conv").kernel)
     history = model.fit(x, np.array([0, 2]), batch_size=2, epochs=1, verbose=0)
@@ -290,7 +290,7 @@ def test_train_backends_example_smoke_run(tmp_path):
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"Keras backend: {BACKEND}" in out.stdout
-    assert "32 training images, 2 steps per epoch, jit_compile=True" in out.stdout
+    assert f"32 training images, 2 steps per epoch, jit_compile={JIT_COMPILE}" in out.stdout
     assert "epoch 1: loss" in out.stdout and "test accuracy:" in out.stdout
     loaded = keras.saving.load_model(str(tmp_path / "model.keras"))
     assert loaded.get_layer("cifar_resnet8").get_layer("final_norm").proxy_norm

@@ -12,7 +12,7 @@ references: `GroupNormAct` (PN on/off), `LayerNormAct`, `InstanceNormAct`, `Batc
   references of `tests/reference.py`;
 - inputs of mean 1e4 and std 1 (the reference path is exact to float32 rounding);
 - a gradient penalty (second order, compiled) against float64 nested autodiff;
-- `model.fit(jit_compile=True)`: BatchNormAct's moving statistics after one step against
+- `model.fit(jit_compile=JIT_COMPILE)` (XLA; eager on PyTorch): BatchNormAct's moving statistics after one step against
   the NumPy momentum update, and a GN+PN step equal to `w - lr * dL/dw` of the float64
   reference, which lowers the loss;
 - `implementation="fused"` off TensorFlow: a clear error naming the backend.
@@ -26,7 +26,7 @@ import tensorflow as tf  # the float64 references only (independent of the packa
 import reference as R
 import reference_fused as RF
 import tf_proxynorm as tfpn
-from backend_helpers import BACKEND, layer_gradients, to_numpy
+from backend_helpers import BACKEND, JIT_COMPILE, layer_gradients, to_numpy
 
 # As tests/test_fused_op.py: relative tolerance of an output rounded to the dtype; the
 # absolute tolerance is this times max(1, max |reference|).
@@ -440,7 +440,7 @@ def test_second_order_gradient_penalty():
         assert_close(dweights[name], r.numpy(), 1e-4, f"d penalty / d{name}")
 
 
-# -- model.fit(jit_compile=True) ------------------------------------------------------------
+# -- model.fit(jit_compile=JIT_COMPILE) ------------------------------------------------
 
 @pytest.mark.parametrize("axis", [1])
 def test_fit_updates_batch_norm_moving_statistics(axis):
@@ -453,7 +453,7 @@ def test_fit_updates_batch_norm_moving_statistics(axis):
     outputs = keras.layers.Dense(1)(keras.layers.Flatten()(norm(inputs)))
     model = keras.Model(inputs, outputs)
     initial = randomize(norm, rng)
-    model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
+    model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=JIT_COMPILE)
     x = rng.normal(1.0, 2.0, shape).astype("float32")
     model.fit(x, rng.standard_normal((8, 1)).astype("float32"), batch_size=8, epochs=1,
               shuffle=False, verbose=0)
@@ -466,8 +466,9 @@ def test_fit_updates_batch_norm_moving_statistics(axis):
                                    err_msg=name)
 
 
-def test_fit_step_of_gn_pn_is_the_reference_sgd_step():
-    """One compiled SGD step of a GN+PN model: the loss it reports is the float64
+@pytest.mark.parametrize("jit_compile", sorted({JIT_COMPILE, True}))
+def test_fit_step_of_gn_pn_is_the_reference_sgd_step(jit_compile):
+    """One SGD step of a GN+PN model (compiled; on PyTorch eager, and torch.compile): the loss it reports is the float64
     reference loss, every weight moves by `-lr * dL/dw` of the reference (gradients through
     the proxy statistics included), and the reference loss at the new weights is lower."""
     rng = np.random.default_rng(9)
@@ -476,7 +477,7 @@ def test_fit_step_of_gn_pn_is_the_reference_sgd_step():
     norm = tfpn.GroupNormAct(groups=2, activation="silu", proxy_norm=True, name="gnpn")
     model = keras.Model(inputs, norm(inputs))
     before = randomize(norm, rng)
-    model.compile(keras.optimizers.SGD(lr), "mse", jit_compile=True)
+    model.compile(keras.optimizers.SGD(lr), "mse", jit_compile=jit_compile)
     x = rng.standard_normal(shape).astype("float32")
     target = rng.standard_normal(shape).astype("float32")
     names = [w.name for w in norm.trainable_weights]

@@ -11,7 +11,7 @@ float64 reference.
 import keras
 import numpy as np
 import pytest
-from backend_helpers import layer_gradients, to_numpy
+from backend_helpers import JIT_COMPILE, layer_gradients, to_numpy
 
 import reference_other as RO
 import tf_proxynorm as tfpn
@@ -196,7 +196,7 @@ def test_fit_step_updates_moving_statistics_then_predict(rng, name):
     model = keras.Sequential([keras.Input(x.shape[1:]), layer])
     params = params_of(rng, C)
     _assign(layer, params)
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=JIT_COMPILE)
     expected, batch = reference(x, params, None, -1)
     target = rng.standard_normal(expected.shape).astype("float32")
     loss = _fit_once(model, x, target)
@@ -316,7 +316,7 @@ def test_cbn_fit_steps_then_predict(rng):
                   activation="relu")
     layer = tfpn.CBNConv2D(C_OUT, 3, kernel_initializer="zeros", **kwargs)
     model = keras.Sequential([keras.Input(Z_SHAPE[1:]), layer])
-    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", jit_compile=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", jit_compile=JIT_COMPILE)
     _assign(layer, {"kernel": (0.3 * rng.standard_normal(layer.kernel.shape)).astype("float32"),
                     **_affine(rng, C_OUT)})
     ref = RO.CBNReference(C_OUT, 3, 1.0, 1, padding="valid")
