@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import reference as R
+import reference_other as RO
 import tf_proxynorm as tfpn
 from conftest import random_params, set_params
 from tf_proxynorm.fold import ChannelAffine, ShiftedGroupNormAct
@@ -15,13 +16,7 @@ L = keras.layers
 
 # ---- float64 NumPy pieces of the test model ----------------------------------------------
 def _conv(x, kernel, bias=None, padding="same"):
-    kh, kw = kernel.shape[:2]
-    if padding == "same":
-        x = np.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
-    h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    out = sum(np.einsum("nhwc,co->nhwo", x[:, a:a + h, b:b + w], kernel[a, b])
-              for a in range(kh) for b in range(kw))
-    return out if bias is None else out + bias
+    return RO.conv2d(x, kernel, 1, padding, bias)
 
 
 def _depthwise(x, kernel, bias):

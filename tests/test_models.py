@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import reference as R
+import reference_other as RO
 import tf_proxynorm as tfpn
 from conftest import random_params
 from tf_proxynorm.layers._base import NormActBase
@@ -36,20 +37,6 @@ def test_parameter_counts_match_torchvision(name, expected):
 
 # ---- a float64 NumPy forward pass, written from He et al. (v1.5 as torchvision, v2
 # pre-activation, CIFAR variant), reading the weights by their documented layer names ------
-def _conv(x, kernel, stride=1):
-    """'same' convolution, NHWC x HWIO, TensorFlow's padding split (extra pixel after)."""
-    n, h, w, _ = x.shape
-    kh, kw, _, co = kernel.shape
-    oh, ow = -(-h // stride), -(-w // stride)
-    ph, pw = max((oh - 1) * stride + kh - h, 0), max((ow - 1) * stride + kw - w, 0)
-    xp = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
-    out = np.zeros((n, oh, ow, co))
-    for i in range(kh):
-        for j in range(kw):
-            out += xp[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :] @ kernel[i, j]
-    return out
-
-
 def _max_pool(x, size=3, stride=2):
     n, h, w, c = x.shape
     oh, ow = -(-h // stride), -(-w // stride)
@@ -69,7 +56,7 @@ class _RefNet:
         self.groups = groups
 
     def conv(self, x, name, stride=1):
-        return _conv(x, self.p[f"{name}/kernel"], stride)
+        return RO.conv2d(x, self.p[f"{name}/kernel"], stride, "same")
 
     def act(self, x, name):
         p = lambda w: self.p[f"{name}/{w}"]  # noqa: E731

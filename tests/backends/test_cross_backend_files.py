@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import reference as R
+import reference_other as RO
 import tf_proxynorm as tfpn
 
 BACKEND = keras.backend.backend()
@@ -63,24 +64,16 @@ print("saved with", keras.backend.backend())
 """
 
 
-def _conv_same(x, kernel, bias=None):
-    kh, kw = kernel.shape[:2]
-    xp = np.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
-    n, h, w, _ = x.shape
-    out = sum(xp[:, i:i + h, j:j + w, :] @ kernel[i, j] for i in range(kh) for j in range(kw))
-    return out if bias is None else out + bias
-
-
 def _reference(p, x, training):
     """Float64 forward of SAVE_SCRIPT's model from its weights `p` (path -> array)."""
     w = lambda name: p[name].astype(np.float64)  # noqa: E731
-    h = _conv_same(x.astype(np.float64), w("conv1/kernel"), w("conv1/bias"))
+    h = RO.conv2d(x.astype(np.float64), w("conv1/kernel"), 1, "same", w("conv1/bias"))
     h = R.group_norm_act(h, 4, gamma=w("gn_pn/gamma"), beta=w("gn_pn/beta"),
                          proxy=(w("gn_pn/proxy_beta"), w("gn_pn/proxy_gamma")))
-    h = _conv_same(h, w("conv2/kernel"))
+    h = RO.conv2d(h, w("conv2/kernel"), 1, "same")
     stats = {} if training else {"mean": w("bn/moving_mean"), "var": w("bn/moving_variance")}
     h = R.batch_norm_act(h, gamma=w("bn/gamma"), beta=w("bn/beta"), **stats)
-    h = _conv_same(h, w("conv3/kernel"), w("conv3/bias"))
+    h = RO.conv2d(h, w("conv3/kernel"), 1, "same", w("conv3/bias"))
     h = R.group_norm_act(h, 1, activation="silu", gamma=w("ln_pn/gamma"),
                          beta=w("ln_pn/beta"),
                          proxy=(w("ln_pn/proxy_beta"), w("ln_pn/proxy_gamma")))

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import reference as R
+import reference_other as RO
 from backend_helpers import BACKEND, JIT_COMPILE
 import tf_proxynorm as tfpn
 from tf_proxynorm import data
@@ -54,20 +55,6 @@ def _randomize(model, rng, names=("gamma", "beta", "proxy_beta", "proxy_gamma"))
 
 
 # ---- float64 NumPy forward of a GN+PN pre-activation CIFAR ResNet (weights by name) -------
-def _conv(x, kernel, stride=1, bias=None):
-    """'same' convolution, NHWC x HWIO, TensorFlow's padding split (extra pixel after)."""
-    n, h, w, _ = x.shape
-    kh, kw, _, co = kernel.shape
-    oh, ow = -(-h // stride), -(-w // stride)
-    ph, pw = max((oh - 1) * stride + kh - h, 0), max((ow - 1) * stride + kw - w, 0)
-    xp = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
-    out = np.zeros((n, oh, ow, co))
-    for i in range(kh):
-        for j in range(kw):
-            out += xp[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :] @ kernel[i, j]
-    return out if bias is None else out + bias
-
-
 def _weights(model):
     return {v.path: _numpy(v).astype(np.float64) for v in model.weights}
 
@@ -83,16 +70,17 @@ def cifar_v2_reference(model, x, per_stage, groups):
     (norm-act, conv, norm-act, conv, + shortcut; a 1x1 projection of the pre-activation
     when the shape changes), final norm-act, global average pooling, dense."""
     p = _weights(model)
-    x = _conv(x.astype(np.float64), p["stem_conv/kernel"])
+    x = RO.conv2d(x.astype(np.float64), p["stem_conv/kernel"], 1, "same")
     for s, filters in enumerate((16, 32, 64), 1):
         for b in range(1, per_stage + 1):
             n, stride = f"stage{s}_block{b}", 2 if b == 1 and s > 1 else 1
             pre = _gn_pn(p, x, f"{n}_norm1", groups)
             shortcut = x
             if stride != 1 or x.shape[-1] != filters:
-                shortcut = _conv(pre, p[f"{n}_shortcut_conv/kernel"], stride)
-            y = _gn_pn(p, _conv(pre, p[f"{n}_conv1/kernel"], stride), f"{n}_norm2", groups)
-            x = shortcut + _conv(y, p[f"{n}_conv2/kernel"])
+                shortcut = RO.conv2d(pre, p[f"{n}_shortcut_conv/kernel"], stride, "same")
+            y = RO.conv2d(pre, p[f"{n}_conv1/kernel"], stride, "same")
+            y = _gn_pn(p, y, f"{n}_norm2", groups)
+            x = shortcut + RO.conv2d(y, p[f"{n}_conv2/kernel"], 1, "same")
     x = _gn_pn(p, x, "final_norm", groups).mean((1, 2))
     return x @ p["predictions/kernel"] + p["predictions/bias"]
 
@@ -227,12 +215,12 @@ def test_convert_model_to_gn_pn(rng):
     p, old = _weights(new), _weights(model)
     for name in ("bn1/gamma", "bn1/beta", "bn2/gamma"):
         np.testing.assert_array_equal(p[name], old[name])
-    h = _conv(x.astype(np.float64), p["conv1/kernel"])
+    h = RO.conv2d(x.astype(np.float64), p["conv1/kernel"], 1, "same")
     h = _gn_pn(p, h, "bn1", 4)
-    h = _conv(h, p["conv2/kernel"], bias=p["conv2/bias"])
+    h = RO.conv2d(h, p["conv2/kernel"], 1, "same", bias=p["conv2/bias"])
     h = R.group_norm_act(h, 2, activation=None, gamma=p["keras_gn/gamma"],
                          beta=p["keras_gn/beta"])
-    h = _conv(h, p["conv3/kernel"])
+    h = RO.conv2d(h, p["conv3/kernel"], 1, "same")
     h = R.group_norm_act(h, 4, activation=None, gamma=p["bn2/gamma"]).mean((1, 2))
     expected = h @ p["dense/kernel"] + p["dense/bias"]
     for training in (False, True):
