@@ -6,7 +6,6 @@ population variance of `act(gamma_c * Y~_c + beta_c)`, computed deterministicall
 the `num_samples` mid-point quantiles of N(0, 1). They depend on parameters only.
 """
 
-import functools
 import statistics
 
 import numpy as np
@@ -19,7 +18,19 @@ NUM_PROXY_SAMPLES = 200
 PROXY_EPSILON = 0.03
 
 
-@functools.lru_cache(maxsize=8)
+# NumPy constants by their arguments. A plain dict, not `functools.lru_cache`: torch.compile
+# (TorchDynamo) traces through an lru_cache into the standard library's inverse CDF and
+# breaks the graph there; a dict lookup of a constant it keeps in the graph.
+_CONSTANTS = {}
+
+
+def _constant(make, *args):
+    key = (make.__name__,) + args
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = make(*args)
+    return _CONSTANTS[key]
+
+
 def _quantiles_np(num_samples):
     # The standard library's inverse normal CDF (Wichura's AS241, ~1e-16 relative error).
     inv_cdf = statistics.NormalDist().inv_cdf
@@ -29,7 +40,7 @@ def _quantiles_np(num_samples):
 
 def gaussian_quantiles(num_samples=NUM_PROXY_SAMPLES, dtype="float32"):
     """The `num_samples` standard-normal quantiles at mid-points, `ndtri((i + 0.5) / n)`."""
-    return ops.convert_to_tensor(_quantiles_np(int(num_samples)), dtype=dtype)
+    return ops.convert_to_tensor(_constant(_quantiles_np, int(num_samples)), dtype=dtype)
 
 
 # The piecewise-linear activations, name -> (slope below 0, slope above 0).
@@ -37,7 +48,6 @@ _PIECEWISE_LINEAR = {"identity": (1.0, 1.0), "relu": (0.0, 1.0),
                      "leaky_relu": (LEAKY_RELU_SLOPE, 1.0)}
 
 
-@functools.lru_cache(maxsize=16)
 def _piecewise_linear_tables(num_samples, slopes):
     """Moments of `w * (a * q + b)` over the quantiles `q`, `w` = the slope at `a * q + b`.
 
@@ -47,7 +57,7 @@ def _piecewise_linear_tables(num_samples, slopes):
     `var = a^2 Var(wq) + 2ab Cov(wq, w) + b^2 Var(w)`. This returns those five
     coefficients for every `k` in `0..n`, in float64, shape `(5, n + 1)`.
     """
-    q = _quantiles_np(num_samples)
+    q = _constant(_quantiles_np, num_samples)
     n = float(num_samples)
     below = [np.arange(num_samples + 1.0)] + [np.concatenate([[0.0], np.cumsum(q ** p)])
                                               for p in (1, 2)]
@@ -74,7 +84,8 @@ def _piecewise_linear_moments(scale, shift, slopes, num_samples):
     kink = ops.stop_gradient(-shift / ops.maximum(a, 1e-30))
     q = gaussian_quantiles(num_samples)
     k = ops.searchsorted(q, kink, side="right")
-    tables = ops.convert_to_tensor(_piecewise_linear_tables(num_samples, slopes), "float32")
+    tables = ops.convert_to_tensor(_constant(_piecewise_linear_tables, num_samples, slopes),
+                                   "float32")
     e_wq, e_w, v_wq, c_wq_w, v_w = (ops.take(t, k) for t in ops.unstack(tables))
     mean = a * e_wq + shift * e_w
     var = a * a * v_wq + 2.0 * a * shift * c_wq_w + shift * shift * v_w
