@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from keras.src.testing import TestCase
 
 import tf_proxynorm as tfpn
 
@@ -39,6 +40,16 @@ def policy(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    """Keras' own layer-test harness (`keras.src.testing.TestCase.run_layer_test`)."""
+    class Harness(TestCase):
+        def runTest(self):
+            pass
+
+    return Harness()
 
 
 def random_params(rng, channels, proxy=True):

@@ -16,7 +16,6 @@ import json
 import keras
 import numpy as np
 import pytest
-from keras.src.testing import TestCase
 
 import tf_proxynorm as tfpn
 
@@ -47,15 +46,6 @@ LAYERS = {
 }
 # Public classes that do not run on their own (tested through what they build).
 NOT_RUNNABLE = {"CrossIterationBatchNormalization"}   # needs its conv: CBNConv2D
-
-
-@pytest.fixture(scope="module")
-def harness():
-    class Harness(TestCase):
-        def runTest(self):
-            pass
-
-    return Harness()
 
 
 def _public_layer_classes():

@@ -14,7 +14,6 @@ import json
 import keras
 import numpy as np
 import pytest
-from keras.src.testing import TestCase
 
 import tf_proxynorm as tfpn
 from backend_helpers import BACKEND, to_numpy
@@ -35,15 +34,6 @@ LAYERS = {
 # The factory names built on these layers (the others: tests of their own layers).
 FACTORY_NAMES = ["bn", "gn", "gn+pn", "in", "in+pn", "ln", "ln+pn", "pn"]
 FACTORY_SHAPE = (2, 3, 3, 32)    # the names' default 32 groups
-
-
-@pytest.fixture(scope="module")
-def harness():
-    class Harness(TestCase):
-        def runTest(self):
-            pass
-
-    return Harness()
 
 
 # ShiftedGroupNormAct (what `fold_for_inference` leaves) shares GroupNormAct's code path:

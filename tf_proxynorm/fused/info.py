@@ -191,8 +191,9 @@ def report(allow_build=False):
         f"TensorFlow   {tf.__version__} (git {tf.version.GIT_VERSION})",
         f"Keras        {keras.__version__} (backend {backend})",
     ]
-    if _backend_versions(backend):
-        lines.append(_backend_versions(backend))
+    backend_version = _backend_versions(backend)
+    if backend_version:
+        lines.append(backend_version)
     lines += [
         f"Python       {platform.python_version()} on {platform.platform()}",
         f"Keras backend: {backend}" + ("" if backend == "tensorflow" else
