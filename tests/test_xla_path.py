@@ -4,8 +4,9 @@ against float64 references: tests/reference.py, tests/reference_fused.py (the co
 forward/backward formulas and `layer_tf64`, float64 TF autodiff written from the spec).
 
 - the hand-derived backward, in float64, to 1e-10 of autodiff of `layer_tf64` for every
-  output and gradient (x, gamma, beta, proxy_beta, proxy_gamma) over groups 1/2/C, ranks
-  2-5, channel axes first/last/middle, activations, center/scale, PN on/off;
+  output and gradient (x, gamma, beta, proxy_beta, proxy_gamma) over groups 1/2/3/C (1 to
+  16 channels per group), ranks 2-5, channel axes first/last/middle, activations,
+  center/scale, PN on/off;
 - the layer under `jit_compile=True` (`implementation="auto"`, so the per-call fallback) over
   the pairwise grid of test_fused_op (dtypes float32/float16/bfloat16, batch 0 and 1);
 - inputs of mean 1e4 and std 1 and constant inputs; second order against central
@@ -89,6 +90,9 @@ FLOAT64_GRID = [
     ((2, 3, 2, 3, 8), -1, 8, "gelu", True, True, True),
     ((2, 8, 3, 2, 3), 1, 2, "leaky_relu", False, False, True),
     ((1, 4, 4, 6), -1, 3, "silu", True, True, True),       # batch 1
+    # 8+ channels per group: groups formed by reshape/repeat (smaller: a one-hot matmul)
+    ((2, 3, 24), -1, 3, "relu", True, True, True),
+    ((2, 32, 3, 2), 1, 2, "silu", True, True, True),
 ]
 
 

@@ -2,14 +2,14 @@
 references: `GroupNormAct` (PN on/off), `LayerNormAct`, `InstanceNormAct`, `BatchNormAct`,
 `ProxyNormAct`, `ShiftedGroupNormAct`, `ChannelAffine` and the factory names built on them.
 
-- a grid of 35 cases (groups 1/2/C, ranks 3 and 4, channels first/last, activations
-  relu/silu/gelu/leaky_relu/identity, PN on/off, center/scale on/off, BN in training and
-  inference, float32 and mixed float16/bfloat16 policies; eager, and compiled for a few):
-  the output and the gradients of x and of every trainable weight, taken with the
-  backend's own autodiff (`layer_gradients`), against float64 TensorFlow autodiff of
-  implementations written from the specs (`reference_fused.layer_tf64`, and `_affine_tf64`
-  / `_bn_tf64` below), whose outputs are themselves checked against the NumPy
-  references of `tests/reference.py`;
+- a grid of 37 cases (groups 1/2/3/C, 1 to 16 channels per group, ranks 3 and 4, channels
+  first/last, activations relu/silu/gelu/leaky_relu/identity, PN on/off, center/scale
+  on/off, BN in training and inference, float32 and mixed float16/bfloat16 policies;
+  eager, and compiled for a few): the output and the gradients of x and of every trainable
+  weight, taken with the backend's own autodiff (`layer_gradients`), against float64
+  TensorFlow autodiff of implementations written from the specs
+  (`reference_fused.layer_tf64`, and `_affine_tf64` / `_bn_tf64` below), whose outputs are
+  themselves checked against the NumPy references of `tests/reference.py`;
 - inputs of mean 1e4 and std 1 (the reference path is exact to float32 rounding);
 - a gradient penalty (second order, compiled) against float64 nested autodiff;
 - `model.fit(jit_compile=JIT_COMPILE)` (XLA; eager on PyTorch): BatchNormAct's moving statistics after one step against
@@ -138,10 +138,10 @@ def reference_gradients(case, x_q, dy_q, values, names, groups):
 # -- the cases -------------------------------------------------------------------------------
 
 def case(kind, groups=2, rank=4, axis=-1, activation="relu", proxy=False, center=True,
-         scale=True, training=False, dtype="float32", jit=False):
+         scale=True, training=False, dtype="float32", jit=False, channels=CHANNELS):
     return dict(kind=kind, groups=groups, rank=rank, axis=axis, activation=activation,
                 proxy=proxy, center=center, scale=scale, training=training, dtype=dtype,
-                jit=jit)
+                jit=jit, channels=channels)
 
 
 CASES = [
@@ -153,6 +153,9 @@ CASES = [
     case("gn", groups=-1, rank=3, proxy=True, scale=False),
     case("gn", groups=-1, axis=1, activation="gelu", proxy=True, center=False),
     case("gn", activation="leaky_relu", proxy=True, training=True),
+    # 8+ channels per group (the groups are formed by reshape and repeat, not a matmul).
+    case("gn", groups=3, channels=24, proxy=True),
+    case("gn", axis=1, activation="silu", channels=32, proxy=True, jit=True),
     # LayerNormAct / InstanceNormAct (GroupNormAct with 1 / C groups).
     case("ln", proxy=True),
     case("ln", rank=3, axis=1, activation="gelu", center=False),
@@ -195,6 +198,7 @@ def _case_id(c):
                      c["activation"], "pn" if c["proxy"] else "nopn",
                      f"c{int(c['center'])}s{int(c['scale'])}",
                      "train" if c["training"] else "infer", c["dtype"]]
+                    + ([f"ch{c['channels']}"] if c["channels"] != CHANNELS else [])
                     + (["jit"] if c["jit"] else []))
 
 
@@ -285,7 +289,7 @@ def jit_layer_gradients(layer, x, dy, training=False):
 @pytest.mark.parametrize("c", CASES, ids=_case_id)
 def test_layer_output_and_every_gradient(c):
     rng = np.random.default_rng(len(_case_id(c)))
-    shape = _shape(c["rank"], c["axis"])
+    shape = _shape(c["rank"], c["axis"], c["channels"])
     layer = make_layer(c)
     layer.build(shape)
     values = randomize(layer, rng)
@@ -304,7 +308,7 @@ def test_layer_output_and_every_gradient(c):
     gradients = jit_layer_gradients if c["jit"] else layer_gradients
     y, dx, dweights = gradients(layer, x_t, dy, training=c["training"])
 
-    groups = _reference_groups(c, CHANNELS)
+    groups = _reference_groups(c, c["channels"])
     uses_batch = c["kind"] == "bn" and c["training"]
     ref_values = {k: v for k, v in values.items()
                   if not (uses_batch and k.startswith("moving_"))}

@@ -16,8 +16,7 @@ written so that XLA compiles it into few passes over `x`:
 
 No reshape or transpose of `x` is needed for the channel axis first or last: every
 big-tensor sum keeps the example and channel axes, and the groups are formed on the small
-tensors with a `(C, G)` indicator matmul (so that XLA cannot merge two reductions into one
-slow loop).
+`(N, C)` tensors (by a reshape and a sum, or a matmul for small groups).
 
 How XLA:CPU (TF 2.21) compiles reductions decided the form, measured side by side (see
 docs/benchmarks.md): a reduction fused with the expression that feeds it, or a
@@ -195,25 +194,34 @@ class _Geometry:
             return ops.reshape(nc, self.bshape)
         return ops.reshape(nc, [-1] + self.bshape[1:])
 
-    def _indicator(self):
-        """(C, G) one-hot matrix of the group of each channel."""
-        m = np.zeros((self.channels, self.groups), self.dtype)
-        m[np.arange(self.channels), np.arange(self.channels) // self.per_group] = 1.0
-        return ops.convert_to_tensor(m)
+    def _one_hot(self):
+        """(G, C) one-hot matrix of the group of each channel."""
+        return ops.convert_to_tensor(
+            np.repeat(np.eye(self.groups, dtype=self.dtype), self.per_group, axis=1))
+
+    # Groups of 8 channels or more are formed by a reshape and a sum and undone by a
+    # repeat; smaller groups by matmuls with the one-hot matrix. XLA fuses a repeat into
+    # the elementwise pass over `x` that reads it: with 2 or 4 channels per group that pass
+    # takes 1.1-1.8x its time after a matmul, with 16 or more 0.8-0.95x (the matmul's
+    # N * G * C work is then no longer small). Measured on XLA:CPU, TensorFlow and JAX
+    # (docs/benchmarks.md).
+    _RESHAPE_MIN_GROUP_SIZE = 8
 
     def group_sum(self, nc):
-        """(N, C) -> (N, G): sum over the channels of each group. A matmul with the
-        indicator matrix, so that XLA never folds it into the big reduction before it
-        (a fused reduce over positions and channels compiles to a slow scalar loop)."""
+        """(N, C) -> (N, G): sum over the channels of each group."""
         if self.per_group == 1:
             return nc
-        return ops.matmul(nc, self._indicator())
+        if self.per_group >= self._RESHAPE_MIN_GROUP_SIZE:
+            return ops.sum(ops.reshape(nc, (-1, self.groups, self.per_group)), axis=2)
+        return ops.matmul(nc, ops.transpose(self._one_hot()))
 
     def from_groups(self, ng):
         """(N, G) -> (N, C), each group's value repeated over its channels."""
         if self.per_group == 1:
             return ng
-        return ops.matmul(ng, ops.transpose(self._indicator()))
+        if self.per_group >= self._RESHAPE_MIN_GROUP_SIZE:
+            return ops.repeat(ng, self.per_group, axis=1)
+        return ops.matmul(ng, self._one_hot())
 
     def sum_positions(self, t, product=False):
         """Sum over the position axes -> (N, C).
