@@ -59,18 +59,21 @@ def make_layer(name, channels, groups):
 
 
 def make_step(layer, shape):
-    """A jitted fwd+bwd of `layer`: gradients of sum(y * dy) for x and every weight."""
+    """A jitted fwd+bwd of `layer`: gradients of sum(y * dy) for x and every weight.
+
+    `dy` is an argument of the jitted function, as an upstream gradient is in training
+    (a constant would let XLA fold every reduction of it at compile time)."""
     layer.build(shape)
     trainable = [v.value for v in layer.trainable_variables]
     fixed = [v.value for v in layer.non_trainable_variables]
     dy = jax.numpy.asarray(np.random.default_rng(1).standard_normal(shape), "float32")
 
-    def loss(x, weights):
+    def loss(x, weights, dy):
         y, _ = layer.stateless_call(weights, fixed, x, training=True)
         return (y * dy).sum()
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    return lambda x: jax.block_until_ready(grad(x, trainable))
+    return lambda x: jax.block_until_ready(grad(x, trainable, dy))
 
 
 def measure(steps, x, rounds, warmup=3):
