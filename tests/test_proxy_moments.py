@@ -71,17 +71,22 @@ def test_against_numpy(rng, act):
 
 @pytest.mark.parametrize("act", ["relu", "leaky_relu", "linear"])
 def test_piecewise_linear_extremes(act):
-    """relu, leaky_relu and linear sum over the quantiles from prefix sums (one binary search
-    per channel). Over scales 0 and 1e-6..1e2 of either sign, and kinks on and between
-    quantiles, they equal the float64 sums to float32 precision: errors at most 5e-7 of the
-    largest |u| (mean) and of its square (variance)."""
+    """relu, leaky_relu and linear sum over the quantiles from prefix sums (the count of
+    quantiles below each kink in closed form). Over scales 0 and 1e-6..1e2 of either sign,
+    and kinks on and between quantiles and one float32 ulp either side of every quantile
+    (where the closed-form count may differ by one from a search), they equal the float64
+    sums to float32 precision: errors at most 5e-7 of the largest |u| (mean) and of its
+    square (variance)."""
     q = R.quantiles()
     mags = [0.0, 1e-6, 1e-3, 0.1, 1.0, 7.0, 100.0]
     signed = np.array(mags + [-m for m in mags[1:]])
     gamma, beta = (g.ravel() for g in np.meshgrid(signed, signed))
     on_kink = -np.concatenate([q[[0, 57, 100, 150, 199]], [q[99:101].mean(), q[170:172].mean()]])
-    gamma = np.concatenate([gamma, np.ones(7), -2.0 * np.ones(7)])
-    beta = np.concatenate([beta, on_kink, 2.0 * on_kink])
+    q32 = q.astype("float32")
+    near = -np.concatenate([q32, np.nextafter(q32, np.float32(-np.inf)),
+                            np.nextafter(q32, np.float32(np.inf))]).astype(np.float64)
+    gamma = np.concatenate([gamma, np.ones(len(near)), np.ones(7), -2.0 * np.ones(7)])
+    beta = np.concatenate([beta, near, on_kink, 2.0 * on_kink])
     pb, pg = np.zeros_like(gamma), np.zeros_like(gamma)
     pg[-7:] = 0.25  # the kink through proxy_gamma: scale -2.5, shift 2 * on_kink
     m, v = (t.numpy() for t in proxy_moments(*(p.astype("float32") for p in (gamma, beta, pb, pg)),
