@@ -15,15 +15,24 @@ from tf_proxynorm.fused.abi import LEAKY_RELU_SLOPE
 _ALIASES = {None: "identity", "linear": "identity", "identity": "identity", "swish": "silu"}
 
 
-def _gelu(x):
-    return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
+_SQRT_HALF = 0.7071067811865476
+
+
+def normal_cdf(x):
+    """The standard normal CDF, `Phi(x) = (1 + erf(x / sqrt(2))) / 2`."""
+    return 0.5 * (1.0 + ops.erf(x * _SQRT_HALF))
+
+
+def gelu(x):
+    """The exact (erf) GELU, `x * Phi(x)`."""
+    return x * normal_cdf(x)
 
 
 _FUNCTIONS = {
     "identity": lambda x: x,
     "relu": ops.relu,
     "silu": ops.silu,
-    "gelu": _gelu,
+    "gelu": gelu,
     "leaky_relu": lambda x: ops.leaky_relu(x, negative_slope=LEAKY_RELU_SLOPE),
 }
 

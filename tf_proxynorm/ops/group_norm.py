@@ -47,7 +47,6 @@ from keras import ops
 from tf_proxynorm.ops import activations
 from tf_proxynorm.ops.activations import LEAKY_RELU_SLOPE
 
-_SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
@@ -68,12 +67,8 @@ def _silu_grad(a):
     return s * (1.0 + a * (1.0 - s))
 
 
-def _gelu(a):
-    return 0.5 * a * (1.0 + ops.erf(a * _SQRT_HALF))
-
-
 def _gelu_grad(a):
-    return 0.5 * (1.0 + ops.erf(a * _SQRT_HALF)) + a * (_INV_SQRT_2PI * ops.exp(-0.5 * a * a))
+    return activations.normal_cdf(a) + a * (_INV_SQRT_2PI * ops.exp(-0.5 * a * a))
 
 
 # canonical name -> (act, act'), both differentiable (second order differentiates act').
@@ -82,7 +77,7 @@ _ACTIVATIONS = {
     "relu": (ops.relu, _relu_grad),
     "leaky_relu": (_leaky_relu, _leaky_relu_grad),
     "silu": (ops.silu, _silu_grad),
-    "gelu": (_gelu, _gelu_grad),
+    "gelu": (activations.gelu, _gelu_grad),
 }
 
 

@@ -16,7 +16,6 @@ from tf_proxynorm.ops import activations
 
 NUM_PROXY_SAMPLES = 200
 PROXY_EPSILON = 0.03
-_SQRT_HALF = 0.7071067811865476
 
 
 # NumPy constants by their arguments. A plain dict, not `functools.lru_cache`: torch.compile
@@ -85,8 +84,7 @@ def _quantiles_below(kink, num_samples):
     both sides of the kink: the moments are continuous there, and stay exact to float32
     rounding.
     """
-    cdf = 0.5 + 0.5 * ops.erf(kink * _SQRT_HALF)
-    count = ops.floor(cdf * float(num_samples) + 0.5)
+    count = ops.floor(activations.normal_cdf(kink) * float(num_samples) + 0.5)
     return ops.cast(ops.clip(count, 0.0, float(num_samples)), "int32")
 
 
