@@ -24,8 +24,10 @@ def normal_cdf(x):
 
 
 def gelu(x):
-    """The exact (erf) GELU, `x * Phi(x)`."""
-    return x * normal_cdf(x)
+    """The exact (erf) GELU, `x * Phi(x)`. Written out as `0.5 * x * (1 + erf(x / sqrt(2)))`:
+    the TFLite converter recognizes that form as its GELU op (`x * normal_cdf(x)` leaves a
+    `tf.Erf`, which TFLite's builtin ops lack)."""
+    return 0.5 * x * (1.0 + ops.erf(x * _SQRT_HALF))
 
 
 _FUNCTIONS = {
