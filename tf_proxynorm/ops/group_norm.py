@@ -190,7 +190,9 @@ class _Geometry:
         return ops.reshape(nc, [-1] + self.bshape[1:])
 
     def _one_hot(self):
-        """(G, C) one-hot matrix of the group of each channel."""
+        """(G, C) one-hot matrix of the group of each channel. Built at each use, not
+        cached: the hand-derived backward runs in a trace of its own (jax2tf traces it
+        again for a SavedModel), and a tensor kept from the forward trace leaks into it."""
         return ops.convert_to_tensor(
             np.repeat(np.eye(self.groups, dtype=self.dtype), self.per_group, axis=1))
 
