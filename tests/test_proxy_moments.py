@@ -121,3 +121,21 @@ def test_gradients_into_all_four_parameters(rng, act, gamma_sign):
             num[:, j] = (np.concatenate(R.proxy_moments(*hi, act))
                          - np.concatenate(R.proxy_moments(*lo, act))) / 2e-6
         np.testing.assert_allclose(jac, num, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.parametrize("num_samples", [0, -3, 2.5, "200", True])
+def test_num_samples_must_be_a_positive_int(num_samples):
+    """0 quantiles gave NaN moments; floats, strings and bools are not counts."""
+    c = tf.constant([1.0])
+    with pytest.raises(ValueError, match=r"`num_samples` must be a positive int.*"
+                                         rf"Received: num_samples={num_samples!r}"):
+        proxy_moments(c, c, c, c, "relu", num_samples=num_samples)
+    with pytest.raises(ValueError, match="Received: num_samples="):
+        gaussian_quantiles(num_samples)
+
+
+def test_one_sample_is_the_median():
+    """n = 1: the one mid-point quantile is 0, so the proxy is constant act(beta)."""
+    m, v = proxy_moments(tf.constant([2.0]), tf.constant([0.5]), None, None, "relu",
+                         num_samples=1)
+    assert float(m[0]) == pytest.approx(0.5) and float(v[0]) == 0.0

@@ -38,9 +38,18 @@ def _quantiles_np(num_samples):
                     dtype=np.float64)
 
 
+def _checked_num_samples(num_samples):
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) \
+            or num_samples < 1:
+        raise ValueError("`num_samples` must be a positive int (the number of N(0, 1) "
+                         f"quantiles). Received: num_samples={num_samples!r}")
+    return int(num_samples)
+
+
 def gaussian_quantiles(num_samples=NUM_PROXY_SAMPLES, dtype="float32"):
     """The `num_samples` standard-normal quantiles at mid-points, `ndtri((i + 0.5) / n)`."""
-    return ops.convert_to_tensor(_constant(_quantiles_np, int(num_samples)), dtype=dtype)
+    return ops.convert_to_tensor(_constant(_quantiles_np, _checked_num_samples(num_samples)),
+                                 dtype=dtype)
 
 
 # The piecewise-linear activations, name -> (slope below 0, slope above 0).
@@ -128,12 +137,14 @@ def proxy_moments(gamma, beta, proxy_beta, proxy_gamma, activation="relu",
         proxy_beta, proxy_gamma: the proxy distribution parameters, shape `(C,)`.
             `None` means zeros (a standard normal proxy).
         activation: an activation name or callable (see `tf_proxynorm.ops.activations`).
-        num_samples: number of quantiles (200 in the paper's official code).
+        num_samples: number of quantiles, a positive int (200 in the paper's official
+            code).
 
     Returns:
         `(mean, var)`, float32 tensors of shape `(C,)`. Gradients flow into all four
         parameters.
     """
+    num_samples = _checked_num_samples(num_samples)
     params = [p for p in (gamma, beta, proxy_beta, proxy_gamma) if p is not None]
     if not params:
         raise ValueError("proxy_moments needs at least one per-channel parameter.")
