@@ -47,8 +47,10 @@ def serialize_options(initializers, regularizers, constraints):
 class AffineActBase(keras.layers.Layer):
     """Base of the layers that end in a per-channel affine and an activation.
 
-    Subclasses implement `_normalize_act(inputs, training)` (float32 at least) and may
-    extend `build`/`get_config`. This class owns `activation`, `axis`, `center`, `scale`
+    Subclasses implement `_normalize_act(inputs, training, mask)` (float32 at least) and
+    may extend `build`/`get_config`. A Keras mask (`Masking`, `Embedding(mask_zero=True)`)
+    reaches `_normalize_act`; layers with statistics leave the masked entries out of them
+    (`tf_proxynorm.ops.masked`), and `compute_mask` passes the mask on unchanged. This class owns `activation`, `axis`, `center`, `scale`
     and the `gamma`/`beta` weights (float32, also under mixed precision), and casts the
     output to the compute dtype. Inputs are not autocast: statistics run in float32.
     """
@@ -111,8 +113,8 @@ class AffineActBase(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes={axis: channels})
 
     # -- call ------------------------------------------------------------------------------
-    def call(self, inputs, training=None):
-        return ops.cast(self._normalize_act(inputs, training), self.compute_dtype)
+    def call(self, inputs, training=None, mask=None):
+        return ops.cast(self._normalize_act(inputs, training, mask), self.compute_dtype)
 
     def _act_arg(self):
         """The activation as the functional ops take it (name when fusable, else callable)."""
@@ -143,7 +145,7 @@ class NormActBase(AffineActBase):
     """Base of the normalization + affine + activation layers.
 
     Adds to `AffineActBase` the normalization's `epsilon` (added to a variance) and the
-    public `normalized_output(inputs, training=False)`: the normalized tensor `y` the
+    public `normalized_output(inputs, training=False, mask=None)`: the normalized tensor `y` the
     layer feeds to its affine, computed with the layer's own math and without changing
     any state (the statistics callbacks read it).
     """
@@ -154,26 +156,29 @@ class NormActBase(AffineActBase):
             raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
         self.epsilon = float(epsilon)
 
-    def normalized_output(self, inputs, training=False):
+    def normalized_output(self, inputs, training=False, mask=None):
         """The normalized `y` before the affine and activation, float32 at least.
 
         Args:
             inputs: the layer's input.
             training: as the layer's `call`: batch statistics when `training=True` and
                 the layer is `trainable`. Nothing is updated.
+            mask: as the layer's `call`: entries left out of the statistics.
 
         Returns:
             A tensor of the input's shape, channels on `self.axis`.
         """
-        return self._normalize(ops.convert_to_tensor(inputs), training, update=False)
+        return self._normalize(ops.convert_to_tensor(inputs), training, update=False,
+                               mask=mask)
 
-    def _normalize(self, inputs, training, update):
+    def _normalize(self, inputs, training, update, mask=None):
         """`normalized_output`; with `update`, a training call also updates the layer's
-        moving statistics (batch-statistics layers, see `moving_statistics.py`)."""
+        moving statistics (batch-statistics layers, see `moving_statistics.py`). `mask`
+        (a Keras mask or None) leaves entries out of the statistics."""
         raise NotImplementedError
 
-    def _normalize_act(self, inputs, training):
-        return self._affine_act(self._normalize(inputs, training, update=True))
+    def _normalize_act(self, inputs, training, mask=None):
+        return self._affine_act(self._normalize(inputs, training, update=True, mask=mask))
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}

@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from tf_proxynorm.layers.norm_act import BatchNormAct
+from tf_proxynorm.ops.masked import expand_mask
 from tf_proxynorm.ops.stats import moments, stats_dtype
 
 BGN_EPSILON = 1e-5
@@ -47,6 +48,8 @@ class BatchGroupNormalization(BatchNormAct):
     Call arguments:
         inputs: a tensor of rank >= 2 with channels on `axis`.
         training: whether to use (and update) the batch statistics.
+        mask: optional Keras mask (as `BatchNormAct`): masked entries are left out of
+            the batch statistics and the moving averages; every entry is normalized.
 
     Returns:
         A tensor of the input's shape in the layer's compute dtype.
@@ -124,12 +127,17 @@ class BatchGroupNormalization(BatchNormAct):
             ops.transpose(ops.reshape(s, (c, k))), (1, k, 1, c))
         return view, [0, 2], to_view, to_groups
 
-    def _normalize(self, inputs, training, update):
+    def _normalize(self, inputs, training, update, mask=None):
         x = ops.cast(inputs, stats_dtype(inputs.dtype))
         view, axes, to_view, to_groups = self._group_view(x)
 
         def batch_moments():
-            mean, var = moments(view, axes, synchronized=self.synchronized)
+            kept = None
+            if mask is not None:
+                kept = ops.broadcast_to(expand_mask(mask, tuple(x.shape), self._axis),
+                                        ops.shape(x))
+                kept = self._group_view(kept)[0]
+            mean, var = moments(view, axes, synchronized=self.synchronized, mask=kept)
             return to_groups(mean), to_groups(var)
 
         mean, var = self.moving_statistics.select(training, batch_moments, update)

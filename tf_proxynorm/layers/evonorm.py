@@ -16,6 +16,7 @@ from tf_proxynorm.layers._base import NormActBase, per_channel_options, serializ
 from tf_proxynorm.layers.moving_statistics import MovingStatistics
 from tf_proxynorm.ops import activations
 from tf_proxynorm.ops import norm_act as norm_act_ops
+from tf_proxynorm.ops.masked import expand_mask
 from tf_proxynorm.ops.stats import group_moments, moments, stats_dtype
 
 _register = keras.saving.register_keras_serializable(package="tf_proxynorm")
@@ -39,8 +40,10 @@ def _is_nonlinear(activation):
 class _EvoNorm(NormActBase):
     """Arguments, weights (gamma, beta, v) and config shared by EvoNorm-B0 and -S0.
 
-    Subclasses implement `_evonorm(x, training, update)`: the normalization-activation
-    before gamma and beta, which is also the layer's `normalized_output`.
+    Subclasses implement `_evonorm(x, training, update, mask)`: the
+    normalization-activation before gamma and beta, which is also the layer's
+    `normalized_output`; `mask` is None or a bool tensor of the input's rank (channel
+    axis of size 1) whose masked entries are left out of the statistics.
     """
 
     _min_rank = 2
@@ -71,11 +74,15 @@ class _EvoNorm(NormActBase):
     def _per_channel(self, value, dtype):
         return ops.reshape(ops.cast(value, dtype), self._broadcast)
 
-    def _normalize(self, inputs, training, update):
+    def _normalize(self, inputs, training, update, mask=None):
         """The EvoNorm normalization-activation before gamma and beta (no mean removed);
         the input itself in the linear form."""
         x = ops.cast(inputs, stats_dtype(inputs.dtype))
-        return self._evonorm(x, training, update) if self.nonlinear else x
+        if not self.nonlinear:
+            return x
+        if mask is not None:
+            mask = expand_mask(mask, tuple(x.shape), self._axis)
+        return self._evonorm(x, training, update, mask)
 
     def get_config(self):
         return {**super().get_config(), **serialize_options(*self._v_options)}
@@ -119,6 +126,8 @@ class EvoNormS0(_EvoNorm):
     Call arguments:
         inputs: a tensor of rank >= 2 with channels on `axis`.
         training: ignored (the layer is batch-independent).
+        mask: optional Keras mask (as `GroupNormAct`): masked entries are left out of
+            each example's group variances; every entry is normalized.
 {returns}
 
     Example:
@@ -159,8 +168,8 @@ class EvoNormS0(_EvoNorm):
             self._groups = evonorm_groups(channels, self.groups or DEFAULT_GROUPS)
         super().build(input_shape)
 
-    def _evonorm(self, x, training, update):
-        _, var, to_channels = group_moments(x, self._axis, self._groups)
+    def _evonorm(self, x, training, update, mask=None):
+        _, var, to_channels = group_moments(x, self._axis, self._groups, mask=mask)
         gate = ops.sigmoid(self._per_channel(self.v, x.dtype) * x)
         return x * gate * to_channels(ops.rsqrt(var + self.epsilon))
 
@@ -194,6 +203,9 @@ class EvoNormB0(_EvoNorm):
     Call arguments:
         inputs: a tensor of rank >= 3 (batch, positions..., channels).
         training: whether to use (and update) the batch variance.
+        mask: optional Keras mask (as `BatchNormAct`): masked entries are left out of
+            the batch variance (hence the moving variance) and of each example's
+            instance variance; every entry is normalized.
 {returns}
 
     Example:
@@ -222,11 +234,11 @@ class EvoNormB0(_EvoNorm):
         if self.nonlinear:
             self.moving_statistics.build((self._broadcast[self._axis],))
 
-    def _evonorm(self, x, training, update):
+    def _evonorm(self, x, training, update, mask=None):
         (batch_var,) = self.moving_statistics.select(
-            training, lambda: norm_act_ops.batch_moments(x, self._axis)[1:], update)
+            training, lambda: norm_act_ops.batch_moments(x, self._axis, mask=mask)[1:], update)
         positions = [a for a in range(1, len(x.shape)) if a != self._axis]
-        _, instance_var = moments(x, positions, keepdims=True)
+        _, instance_var = moments(x, positions, keepdims=True, mask=mask)
         left = self._per_channel(ops.sqrt(ops.cast(batch_var, x.dtype) + self.epsilon), x.dtype)
         right = self._per_channel(self.v, x.dtype) * x + ops.sqrt(instance_var + self.epsilon)
         return x / ops.maximum(left, right)

@@ -5,6 +5,7 @@ from keras import ops
 
 from tf_proxynorm.layers._base import per_channel_options, serialize_options
 from tf_proxynorm.layers.norm_act import BatchNormAct
+from tf_proxynorm.ops.masked import expand_mask
 from tf_proxynorm.ops.stats import channel_axis, moments
 
 IEBN_EPSILON = 1e-5
@@ -51,6 +52,9 @@ class InstanceEnhancementBatchNormalization(BatchNormAct):
     Call arguments:
         inputs: a tensor of rank >= 3 (batch, positions..., channels).
         training: whether to use (and update) the batch statistics.
+        mask: optional Keras mask (as `BatchNormAct`): masked entries are left out of
+            the batch statistics, the moving averages and the gate's mean over the
+            positions (an all-masked example's is 0); every entry is normalized.
 
     Returns:
         A tensor of the input's shape in the layer's compute dtype.
@@ -88,11 +92,14 @@ class InstanceEnhancementBatchNormalization(BatchNormAct):
         self._broadcast[axis] = channels
         self._add_channel_weights(_GATE_WEIGHTS, channels, self._gate_options)
 
-    def _normalize_act(self, inputs, training):
+    def _normalize_act(self, inputs, training, mask=None):
         rank = len(inputs.shape)
         axis = channel_axis(rank, self.axis)
-        x_hat = self._normalize(inputs, training, update=True)
-        pooled, _ = moments(inputs, [a for a in range(1, rank) if a != axis], keepdims=True)
+        x_hat = self._normalize(inputs, training, update=True, mask=mask)
+        if mask is not None:
+            mask = expand_mask(mask, tuple(inputs.shape), axis)
+        pooled, _ = moments(inputs, [a for a in range(1, rank) if a != axis], keepdims=True,
+                            mask=mask)
         weight, bias = (ops.reshape(ops.cast(w, pooled.dtype), self._broadcast)
                         for w in (self.gate_weight, self.gate_bias))
         gate = ops.sigmoid(weight * pooled + bias)

@@ -7,8 +7,8 @@ from tf_proxynorm import config, fused
 from tf_proxynorm.layers._base import NormActBase
 from tf_proxynorm.layers.moving_statistics import MovingStatistics
 from tf_proxynorm.layers.proxy_norm_act import ProxyNormMixin
+from tf_proxynorm.ops import masked
 from tf_proxynorm.ops import norm_act as norm_act_ops
-from tf_proxynorm.ops.stats import moments
 
 _register = keras.saving.register_keras_serializable(package="tf_proxynorm")
 
@@ -75,11 +75,14 @@ class _GroupNormAct(NormActBase):
     def _output_step(self):
         return None, None
 
-    def _normalize(self, inputs, training, update):
+    def _normalize(self, inputs, training, update, mask=None):
+        if mask is not None:
+            return masked.masked_group_normalize(inputs, mask, groups=self._groups,
+                                                 axis=self.axis, epsilon=self.epsilon)
         return norm_act_ops.group_norm_act_reference(
             inputs, groups=self._groups, axis=self.axis, epsilon=self.epsilon, activation=None)
 
-    def _normalize_act(self, inputs, training):
+    def _normalize_act(self, inputs, training, mask=None):
         # One op for the whole layer (the fused kernel when it can run).
         step_mean, step_inv_std = self._output_step()
         gamma, beta = (None if w is None else ops.convert_to_tensor(w)
@@ -87,7 +90,7 @@ class _GroupNormAct(NormActBase):
         return norm_act_ops.group_norm_act(
             inputs, gamma, beta, groups=self._groups, axis=self.axis,
             epsilon=self.epsilon, activation=self._act_arg(), proxy_mean=step_mean,
-            proxy_inv_std=step_inv_std, implementation=self.implementation)
+            proxy_inv_std=step_inv_std, implementation=self.implementation, mask=mask)
 
     def get_config(self):
         return {**super().get_config(), "groups": self.groups,
@@ -117,6 +120,13 @@ class GroupNormAct(ProxyNormMixin, _GroupNormAct):
     Call arguments:
         inputs: a tensor of rank >= 2 (dense `(N, C)`, sequences, images, volumes).
         training: ignored (the layer behaves the same in training and inference).
+        mask: optional Keras mask, e.g. `(N, T)` for a `(N, T, C)` sequence from
+            `Masking` or `Embedding(mask_zero=True)` (or of the input's rank,
+            broadcastable to it). Masked entries are left out of each example's
+            statistics and normalized with those of the kept ones (as Keras'
+            `BatchNormalization` treats masks); an all-masked example gives finite
+            outputs. The mask is passed on unchanged. A masked call runs the reference
+            path (`keras.ops`).
 
     Returns:
         A tensor of the input's shape in the layer's compute dtype.
@@ -277,6 +287,15 @@ class BatchNormAct(NormActBase):
     are those of every batch-statistics layer of the package: see
     `tf_proxynorm/layers/moving_statistics.py`.
 
+    Call arguments:
+        inputs: a tensor of rank >= 2 with channels on `axis`.
+        training: whether to use (and update) the batch statistics.
+        mask: optional Keras mask, e.g. `(N, T)` for a `(N, T, C)` sequence (or of the
+            input's rank, broadcastable to it), as Keras' `BatchNormalization`: masked
+            entries are left out of the batch statistics, hence of the moving averages
+            (also when `synchronized`); every entry is normalized. The mask is passed
+            on unchanged.
+
     Reference:
         - [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167).
     """
@@ -302,14 +321,13 @@ class BatchNormAct(NormActBase):
         super().build(input_shape)
         self.moving_statistics.build(self._statistics_shape(input_shape))
 
-    def _batch_moments(self, inputs):
-        rank = len(inputs.shape)
-        axes = [a for a in range(rank) if a != self.axis % rank]
-        return moments(inputs, axes, synchronized=self.synchronized)
+    def _batch_moments(self, inputs, mask=None):
+        return norm_act_ops.batch_moments(inputs, self.axis, mask=mask,
+                                          synchronized=self.synchronized)
 
-    def _normalize(self, inputs, training, update):
+    def _normalize(self, inputs, training, update, mask=None):
         mean, var = self.moving_statistics.select(
-            training, lambda: self._batch_moments(inputs), update)
+            training, lambda: self._batch_moments(inputs, mask), update)
         return norm_act_ops.batch_norm_act(inputs, mean, var, axis=self.axis,
                                            epsilon=self.epsilon, activation=None)
 

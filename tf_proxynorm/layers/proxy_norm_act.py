@@ -96,7 +96,8 @@ class ProxyNormAct(ProxyNormMixin, AffineActBase):
     def __init__(self, activation="relu", axis=-1, **kwargs):
         super().__init__(activation=activation, axis=axis, **kwargs)
 
-    def _normalize_act(self, inputs, training):
+    def _normalize_act(self, inputs, training, mask=None):
+        # Elementwise: a mask changes nothing here; `compute_mask` passes it on.
         proxy_mean, proxy_inv_std = self.proxy_statistics()
         return self._affine_act(keras.ops.cast(inputs, "float32"), proxy_mean=proxy_mean,
                                 proxy_inv_std=proxy_inv_std)

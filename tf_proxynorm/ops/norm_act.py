@@ -10,7 +10,7 @@ import tensorflow as tf
 from keras import ops
 
 from tf_proxynorm import config, fused
-from tf_proxynorm.ops import activations, group_norm
+from tf_proxynorm.ops import activations, group_norm, masked
 from tf_proxynorm.ops.stats import channel_axis, moments, stats_dtype
 
 
@@ -63,7 +63,7 @@ def group_norm_act_reference(x, gamma=None, beta=None, *, groups, axis=-1, epsil
 
 def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
                    activation="relu", proxy_mean=None, proxy_inv_std=None,
-                   implementation="auto"):
+                   implementation="auto", mask=None):
     """GroupNorm (per example) -> per-channel affine -> activation -> optional proxy step.
 
     ```python
@@ -84,11 +84,25 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
         proxy_mean, proxy_inv_std: per-channel proxy statistics (see `proxy_moments`), or
             None for no proxy normalization.
         implementation: "auto", "fused" or "reference" (see `tf_proxynorm.config`).
+        mask: optional Keras mask (e.g. `(N, T)` for `(N, T, C)`; see
+            `tf_proxynorm.ops.masked.expand_mask`): masked entries are left out of the
+            statistics and normalized with those of the kept ones. A mask runs the
+            reference path (`masked_group_norm_act`): the fused op takes no mask, and
+            `implementation="fused"` raises.
 
     Returns:
         A float32 tensor (float64 for float64 input) of the shape of `x`.
     """
     implementation = config.resolve(implementation)
+    if mask is not None:
+        if implementation == "fused":
+            raise ValueError(
+                "implementation='fused' was requested but the fused op takes no mask. Use "
+                "implementation='auto' (a masked call runs the reference path). "
+                "Received: implementation='fused' with a mask")
+        return masked_group_norm_act(
+            x, mask, gamma, beta, groups=groups, axis=axis, epsilon=epsilon,
+            activation=activation, proxy_mean=proxy_mean, proxy_inv_std=proxy_inv_std)
     if implementation != "reference":
         name = activations.canonical_name(activation)
         if fused.can_use_fused(x, name, axis):
@@ -106,11 +120,32 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
         proxy_mean=proxy_mean, proxy_inv_std=proxy_inv_std)
 
 
-def batch_moments(x, axis=-1):
-    """Per-channel mean and variance over every axis but `axis` (float32 at least)."""
+def masked_group_norm_act(x, mask, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
+                          activation="relu", proxy_mean=None, proxy_inv_std=None):
+    """`group_norm_act` with the statistics of the entries a Keras `mask` keeps.
+
+    `masked.masked_group_normalize` (plain `keras.ops`, automatic differentiation, every
+    backend), then `affine_act_proxy`. Masked entries are normalized with the kept ones'
+    statistics; an all-masked example gives finite outputs.
+    """
+    axis = channel_axis(len(x.shape), axis)
+    y = masked.masked_group_normalize(x, mask, groups=groups, axis=axis, epsilon=epsilon)
+    return affine_act_proxy(y, gamma, beta, axis=axis, activation=activation,
+                            proxy_mean=proxy_mean, proxy_inv_std=proxy_inv_std)
+
+
+def batch_moments(x, axis=-1, mask=None, synchronized=False):
+    """Per-channel mean and variance over every axis but `axis` (float32 at least).
+
+    With a Keras `mask` (see `tf_proxynorm.ops.masked.expand_mask`), only the kept entries
+    count, as in Keras' `BatchNormalization`; `synchronized` as `moments`.
+    """
     rank = len(x.shape)
     axis = channel_axis(rank, axis)
-    return moments(x, [a for a in range(rank) if a != axis])
+    if mask is not None:
+        mask = masked.expand_mask(mask, tuple(x.shape), axis)
+    return moments(x, [a for a in range(rank) if a != axis], mask=mask,
+                   synchronized=synchronized)
 
 
 def batch_norm_act(x, mean, var, gamma=None, beta=None, *, axis=-1, epsilon=1e-3,

@@ -26,7 +26,7 @@ def _replica_context():
     return replica if replica is not None and replica.num_replicas_in_sync > 1 else None
 
 
-def moments(x, axes, keepdims=False, synchronized=False):
+def moments(x, axes, keepdims=False, synchronized=False, mask=None):
     """Mean and biased variance of `x` over `axes`, computed in float32 at least.
 
     Args:
@@ -38,24 +38,42 @@ def moments(x, axes, keepdims=False, synchronized=False):
             `BatchNormalization`), still in two passes: one all-reduce of the sums and
             counts for the mean, one of the squared deviations for the variance. Outside
             a strategy, and on the other backends, this is the local computation.
+        mask: optional tensor broadcastable to `x` (bool, or numbers read as bool like
+            Keras' `BatchNormalization`: nonzero is kept). Only the kept entries enter
+            the statistics: `mean = sum(x[kept]) / count`,
+            `var = sum((x[kept] - mean)^2) / count`, two passes, the per-statistic counts
+            all-reduced with the sums when synchronized. A statistic without any kept
+            entry is 0 (mean and variance; finite, as Keras' `mean = 0 / (0 + eps)`).
     """
     x = ops.convert_to_tensor(x)
     x = ops.cast(x, stats_dtype(x.dtype))
     axes = list(axes)
     replica = _replica_context() if synchronized else None
-    if replica is not None:
-        local_count = ops.prod(ops.stack([ops.shape(x)[a] for a in axes]))
-        count = replica.all_reduce(tf.distribute.ReduceOp.SUM, ops.cast(local_count, x.dtype))
-
-        def mean_of(values):
-            return replica.all_reduce(tf.distribute.ReduceOp.SUM, ops.sum(
-                values, axis=axes, keepdims=True)) / count
-    else:
+    if mask is None and replica is None:
         def mean_of(values):
             return ops.mean(values, axis=axes, keepdims=True)
+    else:
+        def reduce_sum(values):
+            return values if replica is None else replica.all_reduce(
+                tf.distribute.ReduceOp.SUM, values)
+
+        if mask is None:
+            kept = None
+            local_count = ops.prod(ops.stack([ops.shape(x)[a] for a in axes]))
+        else:
+            kept = ops.broadcast_to(ops.cast(mask, "bool"), ops.shape(x))
+            local_count = ops.sum(ops.cast(kept, x.dtype), axis=axes, keepdims=True)
+        # An all-masked statistic divides 0 by 1: mean and variance 0.
+        count = ops.maximum(reduce_sum(ops.cast(local_count, x.dtype)), 1.0)
+
+        def mean_of(values):
+            if kept is not None:
+                values = ops.where(kept, values, ops.zeros_like(values))
+            return reduce_sum(ops.sum(values, axis=axes, keepdims=True)) / count
     mean = mean_of(x)
     var = mean_of(ops.square(x - ops.stop_gradient(mean)))
-    # The stop_gradient above is exact: d var / d mean = -2 mean(x - mean) = 0.
+    # The stop_gradient above is exact: d var / d mean = -2 mean(x - mean) = 0 (also over
+    # the kept entries only).
     if not keepdims:
         mean = ops.squeeze(mean, axes)
         var = ops.squeeze(var, axes)
@@ -108,12 +126,17 @@ def group_view(x, axis, groups):
     return view, reduce_axes, to_channels
 
 
-def group_moments(x, axis, groups):
+def group_moments(x, axis, groups, mask=None):
     """Per-(example, group) mean and variance, each of shape `(N, G)`, in float32 at least.
 
     LayerNorm over all non-batch axes is `groups=1`; InstanceNorm is `groups=channels`.
+    With `mask` (bool, broadcastable to `x`, see `tf_proxynorm.ops.masked.expand_mask`),
+    only the kept entries of each (example, group) enter its statistics (see `moments`).
     Returns `(mean, var, to_channels)`, `to_channels` as in `group_view`.
     """
     view, reduce_axes, to_channels = group_view(x, axis, groups)
-    mean, var = moments(view, reduce_axes)
+    mask_view = None
+    if mask is not None:
+        mask_view, _, _ = group_view(ops.broadcast_to(mask, ops.shape(x)), axis, groups)
+    mean, var = moments(view, reduce_axes, mask=mask_view)
     return mean, var, to_channels
