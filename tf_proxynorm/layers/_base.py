@@ -6,8 +6,8 @@ Two narrow bases, as flax shares `_compute_stats` / `_normalize` rather than a w
   `activation`, `axis`, `center`, `scale` and the `gamma`/`beta` initializers,
   regularizers and constraints; the float32 weights; the output in the compute dtype.
 - `NormActBase(AffineActBase)`: adds the normalization's `epsilon` and the public
-  `normalized_output(inputs, training=False)`, the normalized `y` before the affine that
-  the statistics callbacks measure.
+  `normalized_output(inputs, training=False, mask=None)`, the normalized `y` before the
+  affine that the statistics callbacks measure.
 
 Proxy Normalization's arguments and weights come from `ProxyNormMixin`
 (`proxy_norm_act.py`), moving statistics from `MovingStatistics` (`moving_statistics.py`).
@@ -48,11 +48,12 @@ class AffineActBase(keras.layers.Layer):
     """Base of the layers that end in a per-channel affine and an activation.
 
     Subclasses implement `_normalize_act(inputs, training, mask)` (float32 at least) and
-    may extend `build`/`get_config`. A Keras mask (`Masking`, `Embedding(mask_zero=True)`)
-    reaches `_normalize_act`; layers with statistics leave the masked entries out of them
-    (`tf_proxynorm.ops.masked`), and `compute_mask` passes the mask on unchanged. This class owns `activation`, `axis`, `center`, `scale`
-    and the `gamma`/`beta` weights (float32, also under mixed precision), and casts the
-    output to the compute dtype. Inputs are not autocast: statistics run in float32.
+    may extend `build`/`get_config`. This class owns `activation`, `axis`, `center`,
+    `scale` and the `gamma`/`beta` weights (float32, also under mixed precision), and casts
+    the output to the compute dtype. Inputs are not autocast: statistics run in float32.
+    A Keras mask (`Masking`, `Embedding(mask_zero=True)`) reaches `_normalize_act`; layers
+    with statistics leave the masked entries out of them (`tf_proxynorm.ops.masked`), and
+    `compute_mask` passes the mask on unchanged.
     """
 
     # Config keys written by tf_proxynorm 0.x that a class no longer takes (they had no
@@ -145,9 +146,9 @@ class NormActBase(AffineActBase):
     """Base of the normalization + affine + activation layers.
 
     Adds to `AffineActBase` the normalization's `epsilon` (added to a variance) and the
-    public `normalized_output(inputs, training=False, mask=None)`: the normalized tensor `y` the
-    layer feeds to its affine, computed with the layer's own math and without changing
-    any state (the statistics callbacks read it).
+    public `normalized_output(inputs, training=False, mask=None)`: the normalized tensor
+    `y` the layer feeds to its affine, computed with the layer's own math and without
+    changing any state (the statistics callbacks read it).
     """
 
     def __init__(self, activation="relu", axis=-1, epsilon=1e-3, **kwargs):
