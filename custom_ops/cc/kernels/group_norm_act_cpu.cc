@@ -11,6 +11,10 @@
 // Per-channel parameter gradients are reduced in two stages: each item writes float64
 // partial sums per (example, channel), summed over examples at the end in a fixed order,
 // so results do not depend on the number of threads.
+// Large offsets: the kernels centre x as (x - mean) - mean_lo (cpu::Problem::mean_lo). The
+// forward has mean_lo from its float64 moments; the backward, which gets only the float32
+// mean, recomputes it from x for the groups whose mean is large against their std (one
+// more read of x for those groups only).
 #define EIGEN_USE_THREADS
 
 #include <cmath>
@@ -138,15 +142,38 @@ void RunItems(ThreadPool* workers, int64_t count, const std::function<void(int64
                        });
 }
 
-// mean / inv_std of groups [g0, g0 + count) of example n from their moments.
+// mean / mean_lo / inv_std of groups [g0, g0 + count) of example n from their moments.
 void Finalize(const cpu::Problem& p, int64_t n, int64_t g0, int64_t count,
               const cpu::Moments* moments) {
   for (int64_t j = 0; j < count; ++j) {
     const cpu::Moments& m = moments[j];
     const double var = m.count > 0 ? m.m2 / m.count : 0.0;
-    p.mean[n * p.G + g0 + j] = static_cast<float>(m.count > 0 ? m.mean : 0.0);
+    const double mean = m.count > 0 ? m.mean : 0.0;
+    const float mean_hi = static_cast<float>(mean);
+    p.mean[n * p.G + g0 + j] = mean_hi;
+    p.mean_lo[n * p.G + g0 + j] = static_cast<float>(mean - mean_hi);
     p.inv_std[n * p.G + g0 + j] = static_cast<float>(1.0 / std::sqrt(var + p.epsilon));
   }
+}
+
+// The backward refines the float32 mean of a group from x only where its rounding matters:
+// half an ulp of the mean, at most |mean| 2^-24, is an error of |mean| * inv_std * 2^-24 in
+// xhat, below 2^-21 (5e-7) when |mean| * inv_std <= 8.
+constexpr float kRefineMinMeanOverStd = 8.0f;
+
+bool NeedsRefinement(const cpu::Problem& p, int64_t ng) {
+  return std::fabs(p.mean[ng]) * p.inv_std[ng] > kRefineMinMeanOverStd;
+}
+
+// mean_lo of group `ng` from the sum of x - mean over its values. Only a correction of at
+// most one ulp of the float32 mean is kept: that is the forward's rounding of x's group mean
+// (a mean input that is not, e.g. a caller's own, is used as given; NaN gives 0).
+void SetMeanLo(const cpu::Problem& p, int64_t ng, double residual_sum) {
+  const double values = static_cast<double>(p.C / p.G) * p.P;
+  const float mean = std::fabs(p.mean[ng]);
+  const double lo = residual_sum / values;
+  const double ulp = static_cast<double>(std::nextafter(mean, INFINITY) - mean);
+  p.mean_lo[ng] = std::fabs(lo) <= ulp ? static_cast<float>(lo) : 0.0f;
 }
 
 void MergeInto(cpu::Moments* acc, const cpu::Moments& m) {
@@ -158,9 +185,10 @@ void MergeInto(cpu::Moments* acc, const cpu::Moments& m) {
   acc->count = total;
 }
 
-void RunForward(tensorflow::OpKernelContext* context, const cpu::Problem& p,
-                int64_t value_bytes) {
+void RunForward(tensorflow::OpKernelContext* context, cpu::Problem p, int64_t value_bytes) {
   if (p.N * p.G == 0) return;
+  std::vector<float> mean_lo(p.N * p.G, 0.0f);
+  p.mean_lo = mean_lo.data();
   if (p.C * p.P == 0) {  // empty groups: mean 0, var 0
     std::vector<cpu::Moments> zeros(p.G, cpu::Moments{0.0, 0.0, 0.0});
     for (int64_t n = 0; n < p.N; ++n) Finalize(p, n, 0, p.G, zeros.data());
@@ -195,6 +223,31 @@ void RunForward(tensorflow::OpKernelContext* context, const cpu::Problem& p,
   RunItems(workers, count, [&](int64_t i) { k->forward_apply(p, s.items[i]); });
 }
 
+// Tile mode of the backward: mean_lo of the groups that need it (NeedsRefinement), from
+// partial residuals of every item merged in a fixed order; nothing when none needs it.
+void RefineTiles(ThreadPool* workers, const cpu::Problem& p, const Schedule& s,
+                 const cpu::Kernels* k) {
+  bool any = false;
+  for (int64_t ng = 0; ng < p.N * p.G && !any; ++ng) any = NeedsRefinement(p, ng);
+  if (!any) return;
+  const int64_t count = static_cast<int64_t>(s.items.size());
+  std::vector<int64_t> offsets(count + 1, 0);
+  for (int64_t i = 0; i < count; ++i) offsets[i + 1] = offsets[i] + s.items[i].g1 - s.items[i].g0;
+  std::vector<double> partial(offsets[count]);
+  RunItems(workers, count,
+           [&](int64_t i) { k->mean_residual(p, s.items[i], &partial[offsets[i]]); });
+  std::vector<double> total(p.N * p.G, 0.0);
+  for (int64_t i = 0; i < count; ++i) {
+    const cpu::Item& it = s.items[i];
+    for (int64_t g = it.g0; g < it.g1; ++g) {
+      total[it.n * p.G + g] += partial[offsets[i] + g - it.g0];
+    }
+  }
+  for (int64_t ng = 0; ng < p.N * p.G; ++ng) {
+    if (NeedsRefinement(p, ng)) SetMeanLo(p, ng, total[ng]);
+  }
+}
+
 // m1 = mean over the group of gamma * da, m2 = mean of gamma * da * xhat, for groups
 // [g0, g1) from per-channel sums laid out [kNumGradSums][width] with `stride` = width.
 void GroupGradMeans(const cpu::Problem& p, int64_t g0, int64_t g1, const double* sums,
@@ -213,9 +266,10 @@ void GroupGradMeans(const cpu::Problem& p, int64_t g0, int64_t g1, const double*
   }
 }
 
-void RunBackward(tensorflow::OpKernelContext* context, const cpu::Problem& p,
-                 int64_t value_bytes, float* dgamma, float* dbeta, float* dproxy_mean,
-                 float* dproxy_inv_std) {
+void RunBackward(tensorflow::OpKernelContext* context, cpu::Problem p, int64_t value_bytes,
+                 float* dgamma, float* dbeta, float* dproxy_mean, float* dproxy_inv_std) {
+  std::vector<float> mean_lo(p.N * p.G, 0.0f);
+  p.mean_lo = mean_lo.data();
   // per_example[s][n][c]: the sum s over the positions of example n, channel c.
   const int64_t nc = p.N * p.C;
   std::vector<double> per_example(cpu::kNumGradSums * nc, 0.0);
@@ -236,6 +290,16 @@ void RunBackward(tensorflow::OpKernelContext* context, const cpu::Problem& p,
       RunItems(workers, count, [&](int64_t i) {
         const cpu::Item& it = s.items[i];
         const int64_t width = (it.g1 - it.g0) * cg;
+        bool refine = false;
+        for (int64_t g = it.g0; g < it.g1; ++g) refine |= NeedsRefinement(p, it.n * p.G + g);
+        if (refine) {  // the slab's groups are whole: their residuals are complete
+          std::vector<double> residual(it.g1 - it.g0);
+          k->mean_residual(p, it, residual.data());
+          for (int64_t g = it.g0; g < it.g1; ++g) {
+            const int64_t ng = it.n * p.G + g;
+            if (NeedsRefinement(p, ng)) SetMeanLo(p, ng, residual[g - it.g0]);
+          }
+        }
         std::vector<double> sums(cpu::kNumGradSums * width);
         std::vector<float> m(2 * (it.g1 - it.g0));
         k->grad_sums(p, it, sums.data());
@@ -248,6 +312,7 @@ void RunBackward(tensorflow::OpKernelContext* context, const cpu::Problem& p,
       for (int64_t i = 0; i < count; ++i) {
         offsets[i + 1] = offsets[i] + cpu::kNumGradSums * (s.items[i].g1 - s.items[i].g0) * cg;
       }
+      RefineTiles(workers, p, s, k);
       std::vector<double> partial(offsets[count]);
       RunItems(workers, count,
                [&](int64_t i) { k->grad_sums(p, s.items[i], &partial[offsets[i]]); });

@@ -8,7 +8,9 @@
 // Assumptions (all loops): shapes were validated by the op (C % G == 0, gamma etc. of size
 // C); the Item lies inside the tensor; statistics are accumulated in float32 inside a tile
 // of at most kTileBytes and merged across tiles in float64; the loops have no branches on
-// data (selects only), so NaN/Inf flow through and every inner loop vectorizes.
+// data (selects only), so NaN/Inf flow through and every inner loop vectorizes. x is
+// centred as (x - mean) - mean_lo (see Problem::mean_lo), so inputs whose mean is 1e4
+// times their std keep the precision of their deviations.
 #include <cstdint>
 #include <cstring>
 
@@ -205,7 +207,9 @@ inline void FillForwardConstants(const Problem& p, const Item& it, float* buf,
     const float inv = p.inv_std[it.n * p.G + g];
     k->mean[i] = p.mean[it.n * p.G + g];
     k->a[i] = p.gamma[c] * inv;
-    k->b[i] = p.beta[c];
+    // (x - mean - mean_lo) * a + beta with mean_lo folded into the offset: no extra work
+    // per element.
+    k->b[i] = p.beta[c] - p.mean_lo[it.n * p.G + g] * k->a[i];
     k->pi[i] = p.use_proxy ? p.proxy_inv_std[c] : 1.0f;
     k->ps[i] = p.use_proxy ? -p.proxy_mean[c] * p.proxy_inv_std[c] : 0.0f;
   }
@@ -236,18 +240,20 @@ void ForwardApplyChannelsLast(const Problem& p, const Item& it) {
 
 // Per-channel backward constants.
 struct GradConstants {
-  float *mean, *inv, *gamma, *beta, *pi, *pm;
+  float *mean, *lo, *inv, *gamma, *beta, *pi, *pm;
 };
+constexpr int kNumGradConstants = 7;
 
 inline void FillGradConstants(const Problem& p, const Item& it, float* buf, GradConstants* k) {
   const int64_t cg = p.C / p.G;
   const int64_t width = (it.g1 - it.g0) * cg;
-  float** arrays[] = {&k->mean, &k->inv, &k->gamma, &k->beta, &k->pi, &k->pm};
-  for (int i = 0; i < 6; ++i) *arrays[i] = buf + i * width;
+  float** arrays[] = {&k->mean, &k->lo, &k->inv, &k->gamma, &k->beta, &k->pi, &k->pm};
+  for (int i = 0; i < kNumGradConstants; ++i) *arrays[i] = buf + i * width;
   for (int64_t i = 0; i < width; ++i) {
     const int64_t c = it.g0 * cg + i;
     const int64_t g = c / cg;
     k->mean[i] = p.mean[it.n * p.G + g];
+    k->lo[i] = p.mean_lo[it.n * p.G + g];
     k->inv[i] = p.inv_std[it.n * p.G + g];
     k->gamma[i] = p.gamma[c];
     k->beta[i] = p.beta[c];
@@ -268,7 +274,7 @@ inline void GradSumsBlock(const T* x, const T* dy, int64_t r0, int64_t r1, int64
   float* out_dax = B > 0 ? s_dax : acc + width + c0;
   float* out_dy = B > 0 ? s_dy : acc + 2 * width + c0;
   float* out_dyh = B > 0 ? s_dyh : acc + 3 * width + c0;
-  const float *mean = k.mean + c0, *inv = k.inv + c0, *gamma = k.gamma + c0,
+  const float *mean = k.mean + c0, *lo = k.lo + c0, *inv = k.inv + c0, *gamma = k.gamma + c0,
               *beta = k.beta + c0, *pi = k.pi + c0, *pm = k.pm + c0;
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * stride + c0;
@@ -276,7 +282,7 @@ inline void GradSumsBlock(const T* x, const T* dy, int64_t r0, int64_t r1, int64
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const float g = Load(&gr[j]);
-      const float xhat = (Load(&xr[j]) - mean[j]) * inv[j];
+      const float xhat = ((Load(&xr[j]) - mean[j]) - lo[j]) * inv[j];
       float deriv;
       const float h = ActForwardAndGrad<ACT, Math>(xhat * gamma[j] + beta[j], &deriv);
       const float da = g * pi[j] * deriv;
@@ -302,10 +308,10 @@ void GradSumsChannelsLast(const Problem& p, const Item& it, double* sums) {
   const int64_t width = (it.g1 - it.g0) * cg;
   for (int64_t i = 0; i < kNumGradSums * width; ++i) sums[i] = 0.0;
   if (width == 0) return;
-  Scratch<float> scratch(10 * width);
+  Scratch<float> scratch((kNumGradConstants + kNumGradSums) * width);
   GradConstants k;
   FillGradConstants(p, it, scratch.get(), &k);
-  float* acc = scratch.get() + 6 * width;
+  float* acc = scratch.get() + kNumGradConstants * width;
   const int64_t offset = (it.n * p.P) * p.C + it.g0 * cg;
   const T* x = static_cast<const T*>(p.x) + offset;
   const T* dy = static_cast<const T*>(p.dy) + offset;
@@ -329,11 +335,11 @@ void GradApplyChannelsLast(const Problem& p, const Item& it, const float* m1, co
   const int64_t cg = p.C / p.G;
   const int64_t width = (it.g1 - it.g0) * cg;
   if (width == 0) return;
-  Scratch<float> scratch(9 * width);
+  Scratch<float> scratch((kNumGradConstants + 3) * width);
   GradConstants k;
   FillGradConstants(p, it, scratch.get(), &k);
   // dx = k1 * dy * act'(a) + xhat * k2 + k3
-  float *k1 = scratch.get() + 6 * width, *k2 = k1 + width, *k3 = k2 + width;
+  float *k1 = scratch.get() + kNumGradConstants * width, *k2 = k1 + width, *k3 = k2 + width;
   for (int64_t i = 0; i < width; ++i) {
     const int64_t j = i / cg;
     k1[i] = k.inv[i] * k.gamma[i] * k.pi[i];
@@ -344,14 +350,14 @@ void GradApplyChannelsLast(const Problem& p, const Item& it, const float* m1, co
   const T* x = static_cast<const T*>(p.x) + offset;
   const T* dy = static_cast<const T*>(p.dy) + offset;
   T* dx = static_cast<T*>(p.dx) + offset;
-  const float *mean = k.mean, *inv = k.inv, *gamma = k.gamma, *beta = k.beta;
+  const float *mean = k.mean, *lo = k.lo, *inv = k.inv, *gamma = k.gamma, *beta = k.beta;
   for (int64_t r = it.begin; r < it.end; ++r) {
     const T* xr = x + r * p.C;
     const T* gr = dy + r * p.C;
     T* dr = dx + r * p.C;
 #pragma omp simd
     for (int64_t c = 0; c < width; ++c) {
-      const float xhat = (Load(&xr[c]) - mean[c]) * inv[c];
+      const float xhat = ((Load(&xr[c]) - mean[c]) - lo[c]) * inv[c];
       float deriv;
       ActForwardAndGrad<ACT, Math>(xhat * gamma[c] + beta[c], &deriv);
       Store(&dr[c], k1[c] * Load(&gr[c]) * deriv + xhat * k2[c] + k3[c]);
@@ -424,6 +430,7 @@ void ForwardApplyChannelsFirst(const Problem& p, const Item& it) {
   const int64_t cg = p.C / p.G;
   for (int64_t g = it.g0; g < it.g1; ++g) {
     const float mean = p.mean[it.n * p.G + g];
+    const float mean_lo = p.mean_lo[it.n * p.G + g];
     const float inv = p.inv_std[it.n * p.G + g];
     const int64_t offset = (it.n * p.C + g * cg) * p.P;
     const T* x = static_cast<const T*>(p.x) + offset;
@@ -431,7 +438,8 @@ void ForwardApplyChannelsFirst(const Problem& p, const Item& it) {
     for (int64_t ci = it.begin / MaxI(p.P, 1); p.P > 0 && ci * p.P < it.end; ++ci) {
       const int64_t lo = MaxI(it.begin, ci * p.P), hi = MinI(it.end, (ci + 1) * p.P);
       const int64_t c = g * cg + ci;
-      const float a = p.gamma[c] * inv, b = p.beta[c];
+      // mean_lo folded into the offset, as in FillForwardConstants.
+      const float a = p.gamma[c] * inv, b = p.beta[c] - mean_lo * a;
       const float pi = p.use_proxy ? p.proxy_inv_std[c] : 1.0f;
       const float ps = p.use_proxy ? -p.proxy_mean[c] * p.proxy_inv_std[c] : 0.0f;
 #pragma omp simd
@@ -451,6 +459,7 @@ void GradSumsChannelsFirst(const Problem& p, const Item& it, double* sums) {
   const int64_t tile = MaxI(1, kTileBytes / static_cast<int64_t>(sizeof(T)));
   for (int64_t g = it.g0; g < it.g1; ++g) {
     const float mean = p.mean[it.n * p.G + g];
+    const float mean_lo = p.mean_lo[it.n * p.G + g];
     const float inv = p.inv_std[it.n * p.G + g];
     const int64_t offset = (it.n * p.C + g * cg) * p.P;
     const T* x = static_cast<const T*>(p.x) + offset;
@@ -468,7 +477,7 @@ void GradSumsChannelsFirst(const Problem& p, const Item& it, double* sums) {
 #pragma omp simd reduction(+ : s_da, s_dax, s_dy, s_dyh)
         for (int64_t i = t0; i < t1; ++i) {
           const float gv = Load(&dy[i]);
-          const float xhat = (Load(&x[i]) - mean) * inv;
+          const float xhat = ((Load(&x[i]) - mean) - mean_lo) * inv;
           float deriv;
           const float h = ActForwardAndGrad<ACT, Math>(xhat * gamma + beta, &deriv);
           const float da = gv * pi * deriv;
@@ -491,6 +500,7 @@ void GradApplyChannelsFirst(const Problem& p, const Item& it, const float* m1, c
   const int64_t cg = p.C / p.G;
   for (int64_t g = it.g0; g < it.g1; ++g) {
     const float mean = p.mean[it.n * p.G + g];
+    const float mean_lo = p.mean_lo[it.n * p.G + g];
     const float inv = p.inv_std[it.n * p.G + g];
     const float k2 = -inv * m2[g - it.g0], k3 = -inv * m1[g - it.g0];
     const int64_t offset = (it.n * p.C + g * cg) * p.P;
@@ -504,12 +514,53 @@ void GradApplyChannelsFirst(const Problem& p, const Item& it, const float* m1, c
       const int64_t lo = MaxI(it.begin, ci * p.P), hi = MinI(it.end, (ci + 1) * p.P);
 #pragma omp simd
       for (int64_t i = lo; i < hi; ++i) {
-        const float xhat = (Load(&x[i]) - mean) * inv;
+        const float xhat = ((Load(&x[i]) - mean) - mean_lo) * inv;
         float deriv;
         ActForwardAndGrad<ACT, Math>(xhat * gamma + beta, &deriv);
         Store(&dx[i], k1 * Load(&dy[i]) * deriv + xhat * k2 + k3);
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The backward's refinement of a float32 mean: per group, sum (x - mean) over the item, in
+// float32 inside a tile (x - mean is exact and small for x near the mean) merged in float64.
+// The backward runs it only for groups whose mean is large against their std.
+
+template <typename T>
+void MeanResidualChannelsLast(const Problem& p, const Item& it, double* out) {
+  const int64_t cg = p.C / p.G;
+  const int64_t groups = it.g1 - it.g0;
+  const int64_t width = groups * cg;
+  for (int64_t j = 0; j < groups; ++j) out[j] = 0.0;
+  if (width == 0) return;
+  const T* base = static_cast<const T*>(p.x) + (it.n * p.P) * p.C + it.g0 * cg;
+  const int64_t tile_rows =
+      MaxI(1, MinI(kMaxTileRows, kTileBytes / (width * static_cast<int64_t>(sizeof(T)))));
+  Scratch<float> scratch(3 * width);
+  float *center = scratch.get(), *s1 = center + width, *s2 = s1 + width;
+  for (int64_t c = 0; c < width; ++c) center[c] = p.mean[it.n * p.G + it.g0 + c / cg];
+  for (int64_t r0 = it.begin; r0 < it.end; r0 += tile_rows) {
+    TileSums(base + r0 * p.C, MinI(tile_rows, it.end - r0), p.C, width, center, s1, s2);
+    for (int64_t c = 0; c < width; ++c) out[c / cg] += s1[c];
+  }
+}
+
+template <typename T>
+void MeanResidualChannelsFirst(const Problem& p, const Item& it, double* out) {
+  const int64_t cg = p.C / p.G;
+  const int64_t tile = MaxI(1, kTileBytes / static_cast<int64_t>(sizeof(T)));
+  for (int64_t g = it.g0; g < it.g1; ++g) {
+    const float mean = p.mean[it.n * p.G + g];
+    const T* block = static_cast<const T*>(p.x) + (it.n * p.C + g * cg) * p.P;
+    double sum = 0.0;
+    for (int64_t t0 = it.begin; t0 < it.end; t0 += tile) {
+      float s1 = 0.0f, unused = 0.0f;
+      SegmentSums(block + t0, MinI(tile, it.end - t0), mean, &s1, &unused);
+      sum += s1;
+    }
+    out[g - it.g0] = sum;
   }
 }
 
@@ -535,6 +586,12 @@ constexpr SumsFn kSumsFirst[3][kNumActivations] = TFPN_BY_TYPE_ACT(GradSumsChann
 constexpr GradApplyFn kGradApplyLast[3][kNumActivations] = TFPN_BY_TYPE_ACT(GradApplyChannelsLast);
 constexpr GradApplyFn kGradApplyFirst[3][kNumActivations] =
     TFPN_BY_TYPE_ACT(GradApplyChannelsFirst);
+constexpr SumsFn kResidualLast[3] = {&MeanResidualChannelsLast<float>,
+                                     &MeanResidualChannelsLast<Half>,
+                                     &MeanResidualChannelsLast<BFloat16>};
+constexpr SumsFn kResidualFirst[3] = {&MeanResidualChannelsFirst<float>,
+                                      &MeanResidualChannelsFirst<Half>,
+                                      &MeanResidualChannelsFirst<BFloat16>};
 
 void MomentsDispatch(const Problem& p, const Item& it, Moments* out) {
   (p.channels_last ? kMomentsLast : kMomentsFirst)[p.dtype](p, it, out);
@@ -552,6 +609,10 @@ void GradApplyDispatch(const Problem& p, const Item& it, const float* m1, const 
   (p.channels_last ? kGradApplyLast : kGradApplyFirst)[p.dtype][p.activation](p, it, m1, m2);
 }
 
+void MeanResidualDispatch(const Problem& p, const Item& it, double* residual) {
+  (p.channels_last ? kResidualLast : kResidualFirst)[p.dtype](p, it, residual);
+}
+
 #undef TFPN_BY_TYPE_ACT
 #undef TFPN_BY_ACT
 
@@ -559,7 +620,7 @@ void GradApplyDispatch(const Problem& p, const Item& it, const float* m1, const 
 #define TFPN_STR(s) TFPN_STR2(s)
 
 const Kernels kKernels = {TFPN_STR(TFPN_ISA), &MomentsDispatch, &ForwardApplyDispatch,
-                          &GradSumsDispatch, &GradApplyDispatch};
+                          &GradSumsDispatch, &GradApplyDispatch, &MeanResidualDispatch};
 
 }  // namespace TFPN_ISA
 

@@ -30,6 +30,13 @@ struct Problem {
   const float* proxy_inv_std;  // ignored unless use_proxy
   float* mean;                 // (N, G): written by the forward, read by the backward
   float* inv_std;              // (N, G)
+  // (N, G): the group mean is mean + mean_lo, mean_lo the rounding error of the float32
+  // mean (float-float). With it, `(x - mean) - mean_lo` keeps the precision of the
+  // deviations for inputs whose mean is large against their std (x - mean is exact for x
+  // near the mean; the float32 mean alone is off by up to half an ulp, 5e-4 at 1e4).
+  // Scratch of the op: filled by the forward from its float64 moments, and by the backward
+  // from x (GroupNormActGrad gets only the float32 mean).
+  float* mean_lo;
   void* y;                     // forward only
   const void* dy;              // backward only
   void* dx;                    // backward only
@@ -64,6 +71,9 @@ struct Kernels {
   void (*grad_sums)(const Problem& p, const Item& item, double* sums);
   // Backward, pass 2: dx = inv_std * (gamma da - m1 - xhat m2), m1/m2 per group of the item.
   void (*grad_apply)(const Problem& p, const Item& item, const float* m1, const float* m2);
+  // Backward, refinement of the mean: per group of the item, the sum over the item's
+  // values of x - p.mean (overwritten). `residual` has g1 - g0 entries.
+  void (*mean_residual)(const Problem& p, const Item& item, double* residual);
 };
 
 const Kernels* GenericKernels();
