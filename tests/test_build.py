@@ -41,6 +41,12 @@ def _run_python(script, env_changes, timeout=600):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _words(text):
+    """`text` with its line breaks and indentation collapsed (a reason spans lines in the
+    info report)."""
+    return " ".join(text.split())
+
+
 def _require_library():
     if not tfpn.fused_op_available():
         message = f"fused op unavailable: {fused.unavailable_reason()}"
@@ -162,6 +168,7 @@ NO_COMPILER_SCRIPT = """
         from tf_proxynorm.info import report
         loaded_at_import = fused.load_attempted()
         at_import = len(caught)
+        info_before = "\n".join(report())  # before any layer call: never builds
         x = np.random.default_rng(0).standard_normal((2, 5, 5, 8)).astype("float32")
         layer = tfpn.GroupNormAct(groups=2, proxy_norm=True)
         layer.build(x.shape)
@@ -182,7 +189,7 @@ NO_COMPILER_SCRIPT = """
         warnings=[(w.category.__name__, str(w.message)) for w in caught
                   if "tf_proxynorm" in str(w.message)],
         fused_error=fused_error, x=x.tolist(), y=y.tolist(), y_fn=y_fn.tolist(),
-        info=info)))
+        info=info, info_before=info_before)))
 """
 
 
@@ -240,6 +247,11 @@ def test_bad_setup_means_one_warning_and_the_reference_path(tmp_path, setup):
     assert "implementation='fused'" in result["fused_error"]
     assert re.search(reason, result["fused_error"])
     assert "UNAVAILABLE" in result["info"] and re.search(reason, result["info"])
+    # `info`, before and after the layer call, gives the warning's reason word for word.
+    said = message.split("Reason: ", 1)[1]
+    for report in (result["info_before"], result["info"]):
+        assert "UNAVAILABLE" in report
+        assert _words(said) in _words(report), (said, report)
     assert not list(tmp_path.rglob(build.LIBRARY_NAME))
 
 

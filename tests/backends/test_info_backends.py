@@ -3,11 +3,12 @@ backend other than TensorFlow says that every layer runs the keras.ops reference
 never builds or loads the fused op library."""
 
 import keras
+import pytest
 
 import tf_proxynorm as tfpn
 from backend_helpers import BACKEND
 from tf_proxynorm import fused
-from tf_proxynorm.fused import info   # `python -m tf_proxynorm.info` runs its `main`
+from tf_proxynorm.fused import build, info, loader   # `python -m tf_proxynorm.info`: info.main
 
 OTHER_BACKEND_PHRASES = (
     "every layer runs the keras.ops reference path",
@@ -25,7 +26,9 @@ def test_report_names_the_backend_and_its_path(capsys):
     if BACKEND == "tensorflow":
         assert not any(phrase in printed for phrase in OTHER_BACKEND_PHRASES), printed
         assert "CPU model.fit (Keras leaves XLA off on CPU)" in printed
-        assert fused.load_attempted()   # the report describes the loaded library
+        # The report loads a cached library; with none cached it says the first layer call
+        # builds it, and leaves that to the layer call.
+        assert fused.load_attempted() or "fused op library: NOT BUILT" in printed, printed
     else:
         for phrase in OTHER_BACKEND_PHRASES:
             assert phrase in printed, (phrase, printed)
@@ -39,6 +42,27 @@ def test_report_names_the_backend_and_its_path(capsys):
         assert not fused.load_attempted()
         assert "--build:      ignored on this backend" in "\n".join(info.report(allow_build=True))
         assert not fused.load_attempted()
+
+
+@pytest.mark.parametrize("setup, phrase", [
+    ({"CXX": "/nonexistent"}, "no C++ compiler: CXX='/nonexistent' is not an executable"),
+    ({}, "not built yet: no library for this TensorFlow is cached in"),
+])
+def test_report_gives_the_first_layer_calls_reason(tmp_path, monkeypatch, setup, phrase):
+    """With an empty cache the report says why there is no library (as the first layer call
+    on TensorFlow would): the compiler named by CXX, or that the first layer call builds
+    it; never TF_PROXYNORM_NO_BUILD, which is not set. It compiles nothing."""
+    monkeypatch.setenv("TF_PROXYNORM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TF_PROXYNORM_NO_BUILD", raising=False)
+    for name, value in setup.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(loader, "_library", None)   # as in a fresh process
+    monkeypatch.setattr(build, "_ATTEMPTED", set())
+    printed = " ".join("\n".join(info.report()).split())
+    assert phrase in printed, printed
+    assert "TF_PROXYNORM_NO_BUILD" not in printed.split("environment:")[0]
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert not loader.load_attempted()
 
 
 def test_path_lines_per_backend():

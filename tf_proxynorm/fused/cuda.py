@@ -20,7 +20,6 @@ compiled here too, so that any failure of the GPU part raises before the CPU lib
 linked and the build falls back to a CPU-only library with one warning. docs/gpu.md.
 """
 
-import concurrent.futures
 import ctypes
 import functools
 import logging
@@ -242,10 +241,23 @@ def choose_headers(nvcc, number, arch, work_dir, log):
 
 # -- the build step -------------------------------------------------------------------------
 
-def cuda_build_step(config, src, tf_compile_flags, out_dir, log):
+class _NoProgress:
+    def add(self, steps):
+        pass
+
+    def say(self, line):
+        pass
+
+    def step(self, what, seconds):
+        pass
+
+
+def cuda_build_step(config, src, tf_compile_flags, out_dir, log, progress=None):
     """Compiles the GPU objects for `config` (from `cuda_config`) from the sources in `src`
     into `out_dir`; returns dict(objects, link_flags, stamp) for the build. Raises on any
-    failure (the build then links a CPU-only library and warns once)."""
+    failure (the build then links a CPU-only library and warns once). `progress` (the
+    build's `_Progress`) gets a line per compiled file and the architectures it is for."""
+    progress = progress or _NoProgress()
     nvcc = config["nvcc"]
     version, number = nvcc_version(nvcc)
     archs = [a.removeprefix("sm_") for a in config["sass"]]
@@ -271,24 +283,26 @@ def cuda_build_step(config, src, tf_compile_flags, out_dir, log):
     jobs[Path(_WRAPPER).name] = ([compiler] + list(tf_compile_flags) + list(toolchain.CXXFLAGS)
                                  + ["-DTFPN_WITH_CUDA=1", "-c", "-o", str(wrapper_obj),
                                     str(src / _WRAPPER)])
+    targets = ", ".join([f"sm_{a}" for a in archs] + [f"compute_{ptx} (PTX)"])
+    described = {f"CUDA {name} for {targets}" if name.endswith(".cu") else
+                 f"GPU op wrapper ({name})": command for name, command in jobs.items()}
+    progress.add(len(described) + 1)
+    progress.say(f"compiling the CUDA kernels with nvcc {version} for {targets}: "
+                 f"{len(cu_files)} files, {workers} at a time, nvcc --threads {threads}")
     start = time.monotonic()
-    seconds = {}
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(toolchain.run, command, log): name
-                   for name, command in jobs.items()}
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                seconds[futures[future]] = round(future.result(), 1)
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # fail fast: skip queued jobs
-            raise
+    # Fail fast: on the first failure (or Ctrl-C) the queued jobs are skipped and the
+    # running ones killed.
+    by_description = toolchain.run_parallel(described, log, progress, workers)
+    names = dict(zip(described, jobs))
+    seconds = {names[d]: round(t, 1) for d, t in by_description.items()}
     cu_objects = [out / f"{p.stem}.cu.o" for p in cu_files]
 
     # The kernel core must link on its own against the static runtime (no TensorFlow).
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        toolchain.run([compiler, "-shared", "-o", str(Path(tmp) / "core_check.so")]
-                      + [str(o) for o in cu_objects] + [str(cudart)] + _STATIC_LINK
-                      + ["-Wl,--no-undefined"], log)
+        progress.step("linked the CUDA kernels alone against the static CUDA runtime (check)",
+                      toolchain.run([compiler, "-shared", "-o", str(Path(tmp) / "core_check.so")]
+                                    + [str(o) for o in cu_objects] + [str(cudart)] + _STATIC_LINK
+                                    + ["-Wl,--no-undefined"], log))
 
     stamp = {
         "nvcc": nvcc, "nvcc_version": version, "cuda_version": number,

@@ -26,11 +26,15 @@ import tensorflow as tf
 from tf_proxynorm import config
 from tf_proxynorm.fused import build, loader, settings
 from tf_proxynorm.fused.abi import OP_NAME
-from tf_proxynorm.fused.errors import BuildError
 from tf_proxynorm.version import __version__
 
 _ENV_PREFIX = "TF_PROXYNORM_"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _indented(text, width=16):
+    """A multi-line reason under its label: continuation lines indented to `width`."""
+    return str(text).replace("\n", "\n" + " " * width)
 
 
 def _stamp_lines(stamp):
@@ -88,7 +92,8 @@ def path_lines(info, implementation, devices, backend="tensorflow"):
             return f"reference path (implementation={implementation!r})"
         if device in kernels:
             return f"fused {device} kernel"
-        why = ("the fused op is unavailable, see above" if not info["available"]
+        why = ("the fused op is not built yet, see above" if info.get("pending_build") else
+               "the fused op is unavailable, see above" if not info["available"]
                else f"the library has no {device} kernel")
         return f"reference path ({why})"
 
@@ -120,15 +125,13 @@ def describe_without_loading():
            "failed_log": None, "kernels": {}}
     directory = None
     try:
-        current = build.current_config()
-        directory = current.directory()
-        out["path"] = build.find_library(current)
-        if out["path"] is not None:
-            directory = out["path"].parent
-        else:
-            out["reason"] = f"no library built for this TensorFlow is cached in {directory.parent}"
-    except BuildError as e:
-        out["reason"] = str(e)
+        step = build.plan()   # the reason a TensorFlow process's first layer call gives
+        out["path"] = step.path
+        out["reason"] = None if step.path else step.reason or step.pending_reason()
+        if step.config is not None:
+            directory = step.config.directory()
+        if step.path is not None:
+            directory = step.path.parent
     except Exception as e:  # noqa: BLE001 - reported, never raised
         out["config_error"] = f"{type(e).__name__}: {e}"
     if directory is not None:
@@ -208,9 +211,19 @@ def report(allow_build=False):
         if info["available"]:
             lines.append("fused op library: AVAILABLE")
             lines.append(f"  path:         {info['path']}")
+        elif info.get("pending_build") == "retry":
+            lines.append("fused op library: NOT BUILT (the last build failed; the first layer "
+                         "call in a process retries it once, and uses the reference path if "
+                         "it fails again)")
+            lines.append(f"  reason:       {_indented(info['reason'])}")
+        elif info.get("pending_build"):
+            lines.append("fused op library: NOT BUILT YET (the first layer call in a process "
+                         "builds it, about a minute; layers use the reference path if that "
+                         "fails)")
+            lines.append(f"  reason:       {_indented(info['reason'])}")
         else:
             lines.append("fused op library: UNAVAILABLE (layers use the reference path)")
-            lines.append(f"  reason:       {info['reason']}")
+            lines.append(f"  reason:       {_indented(info['reason'])}")
     else:
         info = describe_without_loading()
         lines.append(f"fused op library: NOT USED on the {backend!r} backend (a TensorFlow "

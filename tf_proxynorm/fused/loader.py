@@ -2,9 +2,12 @@
 
 The library is loaded the first time the fused path is considered (never at
 `import tf_proxynorm`). First use builds it when none is cached (about a minute on two
-cores), unless `TF_PROXYNORM_NO_BUILD=1`. When it cannot be built or loaded (no compiler,
-missing sources, an unwritable cache, a failed build, a stale or mismatched library), one
-warning is issued per process and every call uses the reference path.
+cores, with progress lines on the `tf_proxynorm` logger), unless `TF_PROXYNORM_NO_BUILD=1`.
+When it cannot be built or loaded (no compiler, missing sources, an unwritable cache, a
+failed or interrupted build, a stale or mismatched library), one warning is issued per
+process, with the reason `build.plan` gives (the one `python -m tf_proxynorm.info`
+reports), and every call uses the reference path. Ctrl-C during the build interrupts the
+call (KeyboardInterrupt) and records nothing: the next process builds again.
 """
 
 import threading
@@ -116,13 +119,28 @@ def library_path():
 def describe(allow_build=False):
     """What `python -m tf_proxynorm.info` reports about the library, as a dict.
 
-    Loads the library if no load was attempted yet in this process; builds it only when
-    `allow_build` (and TF_PROXYNORM_NO_BUILD is unset).
+    The reason it gives is the one the first layer call's warning gives (`build.plan`
+    decides both). Without `allow_build` it never compiles: when no load was attempted in
+    this process it loads a cached library, or reports why there is none (`pending_build`:
+    "build", or "retry" after a recorded failure, when the first layer call would build
+    it) without remembering that outcome, so that a later
+    layer call of this process still builds. With `allow_build` it builds first when
+    needed (unless TF_PROXYNORM_NO_BUILD is set).
     """
-    library = load(allow_build=None if allow_build else False, warn=False)
+    pending = False
+    if allow_build or load_attempted():
+        library = load(warn=False)
+    else:
+        step = build.plan()
+        if step.path is not None:
+            library = load(warn=False)
+        else:
+            library = Library(reason=step.reason or step.pending_reason())
+            pending = step.builds and ("retry" if step.failure else "build")
     src, origin = settings.source_dir()
     out = {"available": library.module is not None, "path": library.path,
-           "reason": library.reason, "cache_root": settings.cache_root(),
+           "reason": library.reason, "pending_build": pending,
+           "cache_root": settings.cache_root(),
            "sources": f"{src} ({origin})", "stamp": None, "build_log": None,
            "failed_log": None, "kernels": {}}
     try:
