@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,8 @@ from tf_proxynorm.callbacks import (FailureModeMonitor, GradientScaleMonitor, Sc
 from tf_proxynorm.callbacks.grad_scale import tensor_statistics
 
 ALPHAS = (1e-3, 0.1, 1.0)
+# What FailureModeMonitor puts into the Keras logs by default.
+FM_HEADLINE = {"fm/collapse_max", "fm/mean_var_min", "fm/scale_var_min"}
 
 
 def _dense_problem(rng, n=12, d=5, k=3):
@@ -187,7 +190,7 @@ def test_fit_with_jit_logs_history_writes_files_and_leaves_training_unchanged(rn
     for a, b in zip(model.get_weights(), twin.get_weights()):
         np.testing.assert_array_equal(a, b)
 
-    expected = {f"fm/norm{i}/{m}" for i in (1, 2) for m in ("collapse", "mean_var", "scale_var")}
+    expected = set(FM_HEADLINE)
     expected |= {"gs/loss", "gs/alignment", "gs/concentration"}
     expected |= {f"gs/rel_loss@{a:g}" for a in (1e-3, 1e-2, 1e-1, 1.0)}
     expected |= {f"gs/{n}/grad_ratio" for n in ("conv1", "conv2", "head")}
@@ -204,7 +207,8 @@ def test_fit_with_jit_logs_history_writes_files_and_leaves_training_unchanged(rn
     for got, ref in zip(last, want):
         assert got["name"] == ref["name"]
         np.testing.assert_allclose(got["collapse"], ref["collapse"], rtol=1e-5)
-    assert history.history["fm/norm1/collapse"][-1] == pytest.approx(last[0]["collapse"])
+    assert history.history["fm/collapse_max"][-1] == pytest.approx(
+        max(layer["collapse"] for layer in last))
     grads = json.loads((tmp_path / "gradient_scale.json").read_text())["records"]
     assert len(grads) == 3 and set(grads[0]["relative_loss"]) == {"0.001", "0.01", "0.1", "1"}
     for name in ("power_plot.png", "depth_profiles.png", "relative_loss.png"):
@@ -217,9 +221,47 @@ def test_quick_jit_fit_logs_history(rng):
     x, y = _data(rng, 16)
     gs = GradientScaleMonitor((x[:4], y[:4]), per_example=2, alphas=(0.1,))
     history = _fit(_cnn(), x, y, [FailureModeMonitor(x), gs], epochs=1)
-    assert {"fm/norm1/collapse", "fm/norm2/scale_var", "gs/alignment", "gs/rel_loss@0.1",
+    assert {"fm/collapse_max", "fm/scale_var_min", "gs/alignment", "gs/rel_loss@0.1",
             "loss"} <= set(history.history)
     assert history.history["gs/loss"][0] == pytest.approx(gs.records[-1]["loss"])
+
+
+def test_failure_mode_monitor_puts_three_headline_scalars_in_the_progress_bar(rng, capsys):
+    """Whatever the depth, the Keras logs (progress bar, History, CSVLogger) get the worst
+    layer of each failure mode, 3 keys; the per-layer values stay in the records (and the
+    JSON file and TensorBoard). Before, a ResNet-8 put 21 keys, ~700 characters, in the
+    progress bar line (a ResNet-20 57 keys, ~2,760 characters)."""
+    x, y = _data(rng, 8)
+    model = tfpn.models.cifar_resnet(8, norm="gn+pn", norm_kwargs={"groups": 4},
+                                     input_shape=(8, 8, 3), num_classes=4,
+                                     classifier_activation=None)
+    monitor = FailureModeMonitor(x, at_train_begin=False)
+    model.compile(keras.optimizers.SGD(0.05), _logits_ce, jit_compile=False)
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=1, callbacks=[monitor])
+    assert set(history.history) == FM_HEADLINE | {"loss"}
+    layers = monitor.records[-1]["layers"]
+    assert len(layers) == 7
+    assert history.history["fm/collapse_max"][0] == pytest.approx(
+        max(layer["collapse"] for layer in layers))
+    for metric in ("mean_var", "scale_var"):
+        assert history.history[f"fm/{metric}_min"][0] == pytest.approx(
+            min(layer[metric] for layer in layers))
+    assert monitor.records[-1]["summary"] == {
+        key[3:]: pytest.approx(history.history[key][0]) for key in FM_HEADLINE}
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)   # no ANSI colours
+    bar = [line for line in shown.replace("\r", "\n").splitlines() if "fm/" in line]
+    assert bar and max(len(line) for line in bar) < 160, bar
+
+
+def test_failure_mode_monitor_per_layer_keys_in_logs_when_asked(rng):
+    """`log_keys=(...)` / "all" add `fm/<layer>/<metric>` to the headline, as before."""
+    x, _ = _data(rng, 8)
+    monitor = FailureModeMonitor(x, log_keys=("collapse",))
+    monitor.set_model(_cnn())
+    monitor.on_train_begin()
+    logs = {}
+    monitor.on_epoch_end(0, logs)
+    assert set(logs) == FM_HEADLINE | {"fm/norm1/collapse", "fm/norm2/collapse"}
 
 
 def test_json_and_plots_are_written(rng, tmp_path):
@@ -240,6 +282,8 @@ def test_json_and_plots_are_written(rng, tmp_path):
     layer = saved["records"][-1]["layers"][1]
     assert layer["name"] == "norm2" and layer["kind"] == "norm"
     assert layer["collapse"] == pytest.approx(fm.records[-1]["layers"][1]["collapse"])
+    assert saved["records"][-1]["summary"]["collapse_max"] == pytest.approx(
+        max(row["collapse"] for row in saved["records"][-1]["layers"]))
     np.testing.assert_allclose(layer["constant"] + layer["instance_mean"] + layer["within"],
                                layer["power"], rtol=1e-5)
     grads = json.loads((tmp_path / "gradient_scale.json").read_text())["records"][-1]
@@ -255,7 +299,7 @@ def test_tensorboard_records_scalars_and_histograms(rng, tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
     tags = set(events.Tags()["tensors"])
-    assert {"fm/norm1/collapse", "fm/norm2/power", "fm/norm1/channel_mean"} <= tags
+    assert {"fm/norm1/collapse", "fm/norm2/power", "fm/norm1/channel_mean"} | FM_HEADLINE <= tags
     values = [tf.make_ndarray(e.tensor_proto) for e in events.Tensors("fm/norm1/collapse")]
     assert [e.step for e in events.Tensors("fm/norm1/collapse")] == [0, 1]
     assert float(values[-1]) == pytest.approx(fm.records[-1]["layers"][0]["collapse"], rel=1e-6)
@@ -268,7 +312,7 @@ def test_works_without_tensorboard_and_matplotlib(rng, tmp_path, monkeypatch):
     history = _fit(_cnn(), x, y, [FailureModeMonitor(x, log_dir=tmp_path),
                                   GradientScaleMonitor((x[:4], y[:4]), log_dir=tmp_path)],
                    epochs=1, jit_compile=False)
-    assert "fm/norm1/collapse" in history.history
+    assert "fm/collapse_max" in history.history
     assert sorted(os.listdir(tmp_path)) == ["failure_modes.json", "gradient_scale.json"]
     with pytest.raises(ValueError, match="Received: tensorboard=True"):
         _fit(_cnn(), x, y, [FailureModeMonitor(x, log_dir=tmp_path, tensorboard=True)],
@@ -279,7 +323,7 @@ def test_every_n_epochs_logs_nan_between_measurements(rng):
     x, y = _data(rng, 16)
     fm = FailureModeMonitor(x, every_n_epochs=2, at_train_begin=False)
     history = _fit(_cnn(), x, y, [fm], epochs=3, jit_compile=False)
-    collapse = history.history["fm/norm1/collapse"]
+    collapse = history.history["fm/collapse_max"]
     assert np.isfinite(collapse[0]) and math.isnan(collapse[1]) and np.isfinite(collapse[2])
     assert [r["label"] for r in fm.records] == ["epoch 1", "epoch 3"]
 
@@ -324,7 +368,7 @@ def test_runs_when_tensorboard_and_matplotlib_cannot_be_imported(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "'fm/norm1/collapse'" in out.stdout and "'gs/alignment'" in out.stdout
+    assert "'fm/collapse_max'" in out.stdout and "'gs/alignment'" in out.stdout
     assert sorted(os.listdir(tmp_path)) == ["failure_modes.json", "gradient_scale.json"]
 
 
@@ -380,8 +424,8 @@ def test_mirrored_strategy(tmp_path):
                                                  per_example=2)
         history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[fm, gs])
         ref = tfpn.callbacks.power_decomposition(model, x[:16])
-        print(json.dumps({{"fm": history.history["fm/norm1/collapse"][-1],
-                          "ref": ref[0]["collapse"],
+        print(json.dumps({{"fm": history.history["fm/collapse_max"][-1],
+                          "ref": max(layer["collapse"] for layer in ref),
                           "align": history.history["gs/alignment"][-1]}}))
     """)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}

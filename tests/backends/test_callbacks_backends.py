@@ -2,7 +2,8 @@
 
 - FailureModeMonitor in `model.fit` of a small CNN (GN+PN, BN, Keras' LayerNorm): its logs against the power
   decomposition (other-methods spec, section 6 / Proxy Norm spec, section 8) of each
-  layer's normalized output `y`, recomputed in float64 NumPy from the trained weights.
+  layer's normalized output `y`, recomputed in float64 NumPy from the trained weights,
+  and the headline (worst layer of each failure mode), the only keys it logs by default.
 - power_decomposition in training mode from a tf.data.Dataset: batch statistics, the
   model left bit-identical.
 - GradientScaleMonitor (TensorFlow and JAX) on a Dense softmax regression, whose
@@ -23,6 +24,8 @@ from tf_proxynorm.callbacks import (FailureModeMonitor, GradientScaleMonitor, PO
                                     gradient_scale, power_decomposition)
 
 GRADIENTS = BACKEND in ("tensorflow", "jax")   # the backends of the gradient measurements
+# What FailureModeMonitor puts into the Keras logs by default.
+FM_HEADLINE = {"fm/collapse_max", "fm/mean_var_min", "fm/scale_var_min"}
 
 
 def _logits_ce(y, logits):
@@ -99,8 +102,8 @@ def test_failure_mode_monitor_in_fit_matches_numpy(rng):
     monitor = FailureModeMonitor(x_eval, batch_size=4, log_keys="all")
     history = model.fit(x, labels, batch_size=8, epochs=2, shuffle=False, verbose=0,
                         callbacks=[monitor])
-    assert set(history.history) == {"loss"} | {f"fm/{name}/{m}" for m in POWER_METRICS
-                                               for name in ("norm1", "norm2", "keras_ln")}
+    assert set(history.history) == {"loss"} | FM_HEADLINE | {
+        f"fm/{name}/{m}" for m in POWER_METRICS for name in ("norm1", "norm2", "keras_ln")}
     assert all(len(v) == 2 and np.all(np.isfinite(v)) for v in history.history.values())
     assert [r["label"] for r in monitor.records] == ["init", "epoch 1", "epoch 2"]
     assert [r["step"] for r in monitor.records] == [0, 2, 4]
@@ -108,6 +111,28 @@ def test_failure_mode_monitor_in_fit_matches_numpy(rng):
     for name, y in ys.items():
         _assert_decomposition({m: history.history[f"fm/{name}/{m}"][-1] for m in POWER_METRICS},
                               y, name)
+    want = [decomposition(y) for y in ys.values()]
+    np.testing.assert_allclose(history.history["fm/collapse_max"][-1],
+                               max(w["collapse"] for w in want), rtol=1e-3, atol=1e-6)
+    for metric in ("mean_var", "scale_var"):
+        np.testing.assert_allclose(history.history[f"fm/{metric}_min"][-1],
+                                   min(w[metric] for w in want), rtol=1e-3, atol=1e-6)
+
+
+def test_failure_mode_monitor_logs_only_the_headline_by_default(rng):
+    """Three keys in the Keras logs (the progress bar) whatever the depth; every layer's
+    metrics in the record."""
+    x = rng.standard_normal((4, 6, 6, 3)).astype("float32")
+    monitor = FailureModeMonitor(x)
+    monitor.set_model(_cnn())
+    monitor.on_train_begin()
+    logs = {}
+    monitor.on_epoch_end(0, logs)
+    assert set(logs) == FM_HEADLINE
+    layers = monitor.records[-1]["layers"]
+    assert [layer["name"] for layer in layers] == ["norm1", "norm2", "keras_ln"]
+    assert logs["fm/collapse_max"] == max(layer["collapse"] for layer in layers)
+    assert logs["fm/mean_var_min"] == min(layer["mean_var"] for layer in layers)
 
 
 def test_power_decomposition_training_mode_from_a_dataset(rng):

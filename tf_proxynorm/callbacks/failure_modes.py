@@ -7,6 +7,7 @@ variability (2)/P (failure mode (ii): zero under InstanceNorm) and the instance-
 variability.
 """
 
+import math
 import os
 
 from tf_proxynorm.callbacks import _backend, _base, _output, _probe
@@ -134,6 +135,17 @@ def power_decomposition(model, data, *, training=False, include_convs=False, lay
     return probe.measure(_base.batches(data, batch_size, max_batches))
 
 
+def _headline(layers, headline):
+    """`{name: reduction of metric}` over the normalization layers of `layers` (every layer
+    when none is a normalization), NaN values left out (NaN when all are)."""
+    rows = [layer for layer in layers if layer["kind"] == "norm"] or layers
+    summary = {}
+    for name, metric, reduce in headline:
+        values = [float(row[metric]) for row in rows if not math.isnan(float(row[metric]))]
+        summary[name] = reduce(values) if values else math.nan
+    return summary
+
+
 class FailureModeMonitor(_base.StatisticsCallback):
     """Measures the two failure modes of batch-independent normalization during training.
 
@@ -147,13 +159,25 @@ class FailureModeMonitor(_base.StatisticsCallback):
     scale_var = E_c[Var_x(s_{x,c})] / E_c[E_x(s_{x,c})^2]
     ```
 
-    Scalars go into the Keras `logs` as `fm/<layer>/<metric>` (seen by History, CSVLogger
-    listed after this callback, and the progress bar), into TensorBoard when installed
-    (scalars for every metric, histograms of the channel means mu_c), into
-    `<log_dir>/failure_modes.json`, and at the end of training into
-    `<log_dir>/power_plot.png` (stacked decomposition against depth, one panel per
-    measurement; matplotlib needed). The model is only read: weights, moving statistics
-    and the training step are unchanged. Epochs that are not measured log NaN.
+    Where the numbers go:
+
+    - the Keras `logs` (History, CSVLogger listed after this callback, and the progress
+      bar): three headline scalars, whatever the depth, over the monitored normalization
+      layers (every monitored layer when none is a normalization): `fm/collapse_max`
+      (the most collapsed layer, failure mode (i)), `fm/mean_var_min` and
+      `fm/scale_var_min` (the layer with the least instance variability, failure mode
+      (ii)); plus `fm/<layer>/<metric>` for each metric of `log_keys` when given;
+    - `monitor.records` and `<log_dir>/failure_modes.json`: one record per measurement
+      with every metric of every layer (`records[i]["layers"]`) and the headline
+      (`records[i]["summary"]`);
+    - TensorBoard (`<log_dir>/tensorboard`, when tensorboard is installed): the headline
+      and `fm/<layer>/<metric>` for every layer and every metric of `POWER_METRICS`, and
+      histograms of the channel means mu_c (`fm/<layer>/channel_mean`);
+    - `<log_dir>/power_plot.png` at the end of training (stacked decomposition against
+      depth, one panel per measurement; matplotlib needed).
+
+    The model is only read: weights, moving statistics and the training step are
+    unchanged. Epochs that are not measured log NaN.
 
     Runs on every Keras backend: in a `tf.function` on TensorFlow, in a `jax.jit` of the
     weights' values on JAX (no variable is ever assigned), eagerly on PyTorch.
@@ -172,14 +196,17 @@ class FailureModeMonitor(_base.StatisticsCallback):
             (`<log_dir>/tensorboard`); None writes no file.
         tensorboard: "auto" (when tensorboard is installed), True or False.
         plots: "auto" (when matplotlib is installed), True or False.
-        log_keys: metrics put into the Keras logs per layer: a tuple of `POWER_METRICS`
-            names, "all", or "default" = `("collapse", "mean_var", "scale_var")`.
+        log_keys: metrics also put into the Keras logs per layer, as
+            `fm/<layer>/<metric>`: "default" = none (the three headline scalars only), a
+            tuple of `POWER_METRICS` names (`("collapse", "mean_var", "scale_var")` was
+            the default before the headline, 3 keys per layer in the progress bar), or
+            "all".
 
     Example:
 
     >>> monitor = FailureModeMonitor(x_val[:256], log_dir="runs/ln_pn")
     >>> model.fit(ds, epochs=10, callbacks=[monitor, keras.callbacks.CSVLogger("log.csv")])
-    >>> monitor.records[-1]["layers"][0]["collapse"]
+    >>> monitor.records[-1]["layers"][0]["collapse"]   # every layer; or the JSON file
 
     Reference:
         - [Labatie et al., 2021](https://arxiv.org/abs/2106.03743), Section 3, Fig. 2.
@@ -187,7 +214,11 @@ class FailureModeMonitor(_base.StatisticsCallback):
 
     prefix = "fm"
     json_name = "failure_modes.json"
-    DEFAULT_LOG_KEYS = ("collapse", "mean_var", "scale_var")
+    DEFAULT_LOG_KEYS = ()
+    # The headline in the logs: (name, metric, reduction over the layers); the worst layer
+    # of each failure mode.
+    HEADLINE = (("collapse_max", "collapse", max), ("mean_var_min", "mean_var", min),
+                ("scale_var_min", "scale_var", min))
 
     def __init__(self, data, *, every_n_epochs=1, every_n_steps=None, at_train_begin=True,
                  include_convs=False, layers=None, batch_size=64, max_batches=None,
@@ -216,7 +247,8 @@ class FailureModeMonitor(_base.StatisticsCallback):
                                 layers=self.layer_names)
 
     def _logged(self, key):
-        return key.rsplit("/", 1)[-1] in self._keys
+        # Headline keys have one "/" (`fm/collapse_max`), per-layer keys two.
+        return key.count("/") == 1 or key.rsplit("/", 1)[-1] in self._keys
 
     def measure(self):
         layers = self.probe.measure(_base.batches(self.data, self.batch_size, self.max_batches))
@@ -225,7 +257,9 @@ class FailureModeMonitor(_base.StatisticsCallback):
             for metric in POWER_METRICS:
                 scalars[f"fm/{layer['name']}/{metric}"] = layer[metric]
             histograms[f"fm/{layer['name']}/channel_mean"] = layer.pop("channel_mean")
-        return {"layers": layers}, scalars, histograms
+        summary = _headline(layers, self.HEADLINE)
+        scalars.update({f"fm/{name}": value for name, value in summary.items()})
+        return {"summary": summary, "layers": layers}, scalars, histograms
 
     def _plots(self, records):
         panels = [(r["label"], [layer for layer in r["layers"] if layer["kind"] == "norm"])
