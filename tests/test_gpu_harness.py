@@ -139,6 +139,18 @@ def test_edge_paths_match_reference(runner, dtype, case):
     _assert_case(runner, 2, dtype=dtype, use_proxy=True, **case)
 
 
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_large_offsets_keep_float32_accuracy(runner, offset, channels_last):
+    """Means of 1e2..1e4 times the std (issue 21), GN, LN and IN: run_case's tolerances have
+    no allowance for |mean| * inv_std, so y, dx and the parameter gradients must stay at
+    float32 accuracy (pilot-shifted statistics, the mean's rounding error mean_lo)."""
+    shape = (2, 20, 20, 32) if channels_last else (2, 32, 20, 20)
+    for groups, act in ((8, "gelu"), (1, "relu"), (32, "silu")):
+        _assert_case(runner, 4, shape=shape, channels_last=channels_last, groups=groups,
+                     dtype="float32", act=act, use_proxy=True, offset=offset)
+
+
 def test_explicit_values_float32(runner):
     """One case checked with plain assert_allclose, independently of the harness's
     tolerance model."""

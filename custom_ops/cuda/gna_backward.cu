@@ -9,6 +9,11 @@
 // dy (h - proxy_mean)]; the last block of each example reduces them into m1/m2 of its
 // groups (the group sums are sum_c gamma_c * channel sums). Pass 2 computes dx. A third
 // role reduces the partials over examples and splits into the (C,) gradients.
+//
+// Large offsets: both passes centre x as (x - mean) - mean_lo, mean_lo the rounding error
+// of the float32 mean (half an ulp of 1e4 is 5e-4 of a unit std). The op gets only the
+// float32 mean, so a first launch (refine_mean_kernel) recomputes mean_lo from x for the
+// groups whose mean is large against their std, and writes 0 for the others.
 #include <initializer_list>
 
 #include "gna_common.cuh"
@@ -26,20 +31,72 @@ struct BwdArgs : ArgsBase<T> {
   float* dbeta;
   float* dproxy_mean;
   float* dproxy_inv_std;
-  float4* part;  // (n, split, channel) partials [da, da xhat, dy, dy (h - pm)]
-  float2* gsum;  // (N, G) [m1, m2]
+  float4* part;     // (n, split, channel) partials [da, da xhat, dy, dy (h - pm)]
+  float2* gsum;     // (N, G) [m1, m2]
+  float* mean_lo;   // (N, G) rounding error of mean, from refine_mean_kernel
 };
 
 // Per-channel constants of both passes.
 struct GradConst {
-  float mu, is, gm, bt, ps, pm;  // mean, inv_std, gamma, beta, proxy scale, proxy mean
+  // mean, its rounding error, inv_std, gamma, beta, proxy scale, proxy mean
+  float mu, lo, is, gm, bt, ps, pm;
 };
+
+// The refinement of the float32 mean of a group is skipped when its rounding, at most
+// |mean| 2^-24, is below 2^-21 (5e-7) of the std: |mean| * inv_std <= 8.
+constexpr float kRefineMinMeanOverStd = 8.0f;
+
+// mean_lo[n, g] = mean(x - mean) over the group's values where the refinement is needed,
+// else 0. Block = one (example, group) at a time (grid-stride, block-uniform), threads
+// striding over the group's values, then a fixed-order block sum (deterministic). Only a
+// correction of at most one ulp of the float32 mean is kept: that is the forward's rounding
+// of x's group mean (a mean input that is not, e.g. a caller's own, is used as given).
+// Assumptions: blockDim.x == kThreads; g.p > 0.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    refine_mean_kernel(const T* x, const float* mean, const float* inv_std, float* mean_lo,
+                       const Geometry g) {
+  __shared__ float s_sum[kWarps];
+  const int64_t groups = g.n * g.groups;
+  const int64_t values = g.d * g.p;
+  for (int64_t ng = blockIdx.x; ng < groups; ng += gridDim.x) {
+    const float mu = mean[ng];
+    if (!(fabsf(mu) * inv_std[ng] > kRefineMinMeanOverStd)) {
+      if (threadIdx.x == 0) mean_lo[ng] = 0.0f;
+      continue;
+    }
+    const int64_t n = ng / g.groups, c0 = (ng % g.groups) * g.d;
+    float sum = 0.0f;
+    for (int64_t k = threadIdx.x; k < values; k += kThreads) {
+      // Channels-last: value k is (position k / d, channel c0 + k % d); else contiguous.
+      const int64_t i = g.cl ? (n * g.p + k / g.d) * g.c + c0 + k % g.d
+                             : (n * g.c + c0) * g.p + k;
+      float v[1];
+      load_vec<T, 1, kCacheDefault>(x + i, v);
+      sum += v[0] - mu;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if ((threadIdx.x & 31) == 0) s_sum[threadIdx.x >> 5] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float total = 0.0f;
+      for (int w = 0; w < kWarps; ++w) total += s_sum[w];
+      const float lo = total / static_cast<float>(values);
+      const float m = fabsf(mu);
+      const float ulp = __uint_as_float(__float_as_uint(m) + 1u) - m;  // NaN for inf
+      mean_lo[ng] = fabsf(lo) <= ulp ? lo : 0.0f;
+    }
+    __syncthreads();  // s_sum is reused by the next group
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ GradConst grad_const(const BwdArgs<T>& a, int64_t n, int64_t c) {
   const int64_t grp = c / a.g.d;
   GradConst k;
   k.mu = __ldg(a.mean + n * a.g.groups + grp);
+  k.lo = a.mean_lo[n * a.g.groups + grp];  // written by an earlier launch
   k.is = __ldg(a.inv_std + n * a.g.groups + grp);
   k.gm = __ldg(a.gamma + c);
   k.bt = __ldg(a.beta + c);
@@ -56,7 +113,7 @@ __device__ __forceinline__ GradConst grad_const(const BwdArgs<T>& a, int64_t n, 
 template <int ACT>
 __device__ __forceinline__ void grad_accumulate(float xv, float dyv, const GradConst& k,
                                                 float4& acc, int act) {
-  const float xh = (xv - k.mu) * k.is;
+  const float xh = ((xv - k.mu) - k.lo) * k.is;
   float dact;
   const float h = act_forward_grad<ACT>(fmaf(xh, k.gm, k.bt), &dact, act);
   const float da = dyv * k.ps * dact;
@@ -201,19 +258,19 @@ __device__ __forceinline__ void reduce_cf(const BwdArgs<T>& a, int64_t bid, floa
 
 // dx of one element.
 struct DxConst {
-  float mu, is, gm, bt, gp, m1, m2;  // gp = gamma * proxy scale
+  float mu, lo, is, gm, bt, gp, m1, m2;  // gp = gamma * proxy scale
 };
 
 template <typename T>
 __device__ __forceinline__ DxConst dx_const(const BwdArgs<T>& a, int64_t n, int64_t c) {
   const GradConst k = grad_const(a, n, c);
   const float2 m = a.gsum[n * a.g.groups + c / a.g.d];
-  return DxConst{k.mu, k.is, k.gm, k.bt, k.gm * k.ps, m.x, m.y};
+  return DxConst{k.mu, k.lo, k.is, k.gm, k.bt, k.gm * k.ps, m.x, m.y};
 }
 
 template <int ACT>
 __device__ __forceinline__ float dx_one(float xv, float dyv, const DxConst& k, int act) {
-  const float xh = (xv - k.mu) * k.is;
+  const float xh = ((xv - k.mu) - k.lo) * k.is;
   float dact = 1.0f;
   if (ACT != TFPN_ACT_IDENTITY) act_forward_grad<ACT>(fmaf(xh, k.gm, k.bt), &dact, act);
   return k.is * (fmaf(dyv * k.gp, dact, -k.m1) - xh * k.m2);
@@ -269,9 +326,9 @@ struct Backward {
   static constexpr int kMinBlocksPerSm = 2;
   static constexpr int kPass1Tensors = 2;  // x, dy
   static constexpr const char* kWhat = "GroupNormActGrad kernel launch";
-  // gsum after the partials.
+  // gsum then mean_lo after the partials.
   static size_t tail_bytes(const tfpn_problem& pr) {
-    return static_cast<size_t>(pr.n * pr.groups) * sizeof(float2);
+    return static_cast<size_t>(pr.n * pr.groups) * (sizeof(float2) + sizeof(float));
   }
   static int64_t tail_blocks(const Geometry& g) { return ceil_div(g.c, 32); }
 
@@ -313,6 +370,11 @@ int bwd_impl(const tfpn_problem& pr, const void* dy, const void* x, const float*
   a.dproxy_inv_std = dproxy_inv_std;
   a.part = static_cast<float4*>(ws.part);
   a.gsum = static_cast<float2*>(ws.tail);
+  a.mean_lo = reinterpret_cast<float*>(a.gsum + pr.n * pr.groups);
+  const int64_t refine_blocks = clamp64(pr.n * pr.groups, 1, int64_t{1} << 20);
+  launch(refine_mean_kernel<T>, refine_blocks, stream, a.x, mean, inv_std, a.mean_lo, a.g);
+  const int rc = check_cuda("GroupNormActGrad mean refinement launch");
+  if (rc != TFPN_OK) return rc;
   return launch_chunks<Backward, T>(a, pr, stream);
 }
 

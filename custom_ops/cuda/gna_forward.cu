@@ -3,6 +3,13 @@
 //   y = act(gamma * (x - mean) * inv_std + beta), then (y - proxy_mean) * proxy_inv_std
 // See gna_common.cuh for the decomposition (pass 1 statistics with a last-block merge,
 // pass 2 elementwise, chunks of examples for L2 reuse).
+//
+// Large offsets (|mean| up to 1e4 std): pass 1 accumulates the Welford statistics of
+// x - pilot, the pilot being the group's first value, so that the float32 running means
+// hold O(std) values instead of O(|mean|) ones (whose rounding, ulp(1e4) = 1e-3, would be
+// the error of the mean). The finalization splits pilot + mean(x - pilot) into the float32
+// mean and its rounding error mean_lo (workspace), which pass 2 folds into its offset, so
+// that y is computed from (x - mean) - mean_lo.
 #include "gna_common.cuh"
 
 namespace tfpn {
@@ -12,17 +19,31 @@ template <typename T>
 struct FwdArgs : ArgsBase<T> {
   T* __restrict__ y;
   float* mean;     // (N, G) output, read back by pass 2 of a later launch
+  float* mean_lo;  // (N, G) workspace: the rounding error of mean (the mean is mean + mean_lo)
   float* inv_std;  // (N, G)
   float2* part;    // (n, split, channel) partial (mean, M2), strides g.ps_*
   float eps;
 };
 
-// Merges the (split, channel) partials of example n into mean/inv_std of its groups.
+// The pilot of group grp of example n: its first value (first position, first channel).
+template <typename T>
+__device__ __forceinline__ float group_pilot(const FwdArgs<T>& a, int64_t n, int64_t grp) {
+  const Geometry& g = a.g;
+  const int64_t c = grp * g.d;
+  float v[1];
+  load_vec<T, 1, kCacheDefault>(a.x + (g.cl ? n * g.p * g.c + c : (n * g.c + c) * g.p), v);
+  return v[0];
+}
+
+// Merges the (split, channel) partials (moments of x - pilot) of example n into mean,
+// mean_lo and inv_std of its groups.
 // Run by the last pass-1 block of the example; all threads of the block call it.
 // Assumptions: all partials of example n are written and visible; split s holds
 // min(split_len, p - s * split_len) positions; smem has >= 3 * kWarps floats.
-__device__ void finalize_stats(const Geometry& g, const float2* part, int64_t n, float eps,
-                               float* mean_out, float* inv_out, float* smem) {
+template <typename T>
+__device__ void finalize_stats(const FwdArgs<T>& a, int64_t n, float* smem) {
+  const Geometry& g = a.g;
+  const float2* part = a.part;
   finalize_groups(
       g, n, Welford{0.0f, 0.0f, 0.0f},
       [&](const Welford& w, int64_t, int64_t ss, int64_t i) {
@@ -35,8 +56,13 @@ __device__ void finalize_stats(const Geometry& g, const float2* part, int64_t n,
       [&](int64_t grp, const Welford& w) {
         float var = w.count > 0.0f ? w.m2 / w.count : 0.0f;
         var = var < 0.0f ? 0.0f : var;  // keeps NaN
-        mean_out[n * g.groups + grp] = w.mean;
-        inv_out[n * g.groups + grp] = rsqrtf(var + eps);
+        // mean = pilot + w.mean as a float and its rounding error (Knuth's TwoSum, exact).
+        const float pilot = group_pilot(a, n, grp);
+        const float mean = pilot + w.mean;
+        const float back = mean - pilot;
+        a.mean[n * g.groups + grp] = mean;
+        a.mean_lo[n * g.groups + grp] = (pilot - (mean - back)) + (w.mean - back);
+        a.inv_std[n * g.groups + grp] = rsqrtf(var + a.eps);
       });
 }
 
@@ -51,10 +77,12 @@ __device__ __forceinline__ void stats_cl(const FwdArgs<T>& a, int64_t bid, float
   const ClBlock b = cl_block<1>(a, bid);
   const bool active = b.cv * V < g.c;
 
-  float mean[V], m2[V];
+  float mean[V], m2[V], pilot[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) mean[i] = 0.0f, m2[i] = 0.0f;
+  for (int i = 0; i < V; ++i) mean[i] = 0.0f, m2[i] = 0.0f, pilot[i] = 0.0f;
   if (active) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) pilot[i] = group_pilot(a, b.n, (b.cv * V + i) / g.d);
     const T* base = a.x + b.n * g.p * g.c + b.cv * V;
     const int64_t step = g.ty;
     float cnt = 0.0f;
@@ -69,7 +97,7 @@ __device__ __forceinline__ void stats_cl(const FwdArgs<T>& a, int64_t bid, float
         cnt += 1.0f;
         const float rc = __frcp_rn(cnt);
 #pragma unroll
-        for (int i = 0; i < V; ++i) welford_step(mean[i], m2[i], v[u][i], rc);
+        for (int i = 0; i < V; ++i) welford_step(mean[i], m2[i], v[u][i] - pilot[i], rc);
       }
     }
     for (; pp < b.p1; pp += step) {
@@ -78,7 +106,7 @@ __device__ __forceinline__ void stats_cl(const FwdArgs<T>& a, int64_t bid, float
       cnt += 1.0f;
       const float rc = __frcp_rn(cnt);
 #pragma unroll
-      for (int i = 0; i < V; ++i) welford_step(mean[i], m2[i], v[i], rc);
+      for (int i = 0; i < V; ++i) welford_step(mean[i], m2[i], v[i] - pilot[i], rc);
     }
   }
   const int tid = b.tid, ty = b.ty;
@@ -101,7 +129,7 @@ __device__ __forceinline__ void stats_cl(const FwdArgs<T>& a, int64_t bid, float
     __syncthreads();
   }
   if (store_partials_cl<V>(a, b, a.part, s_w, s_flag))
-    finalize_stats(g, a.part, b.n, a.eps, a.mean, a.inv_std, reinterpret_cast<float*>(s_w));
+    finalize_stats(a, b.n, reinterpret_cast<float*>(s_w));
 }
 
 // Pass 1, channels-first. One warp per item (channel c, split s of the row (n, c)).
@@ -114,6 +142,7 @@ __device__ __forceinline__ void stats_cf(const FwdArgs<T>& a, int64_t bid, float
   const CfItem it = cf_item<1>(a, bid);
   if (it.valid) {
     const T* row = a.x + (it.n * g.c + it.c) * g.p;
+    const float pilot = group_pilot(a, it.n, it.c / g.d);
     float mean[V], m2[V], cnt = 0.0f;
 #pragma unroll
     for (int i = 0; i < V; ++i) mean[i] = 0.0f, m2[i] = 0.0f;
@@ -128,7 +157,7 @@ __device__ __forceinline__ void stats_cf(const FwdArgs<T>& a, int64_t bid, float
         cnt += 1.0f;
         const float rc = __frcp_rn(cnt);
 #pragma unroll
-        for (int i = 0; i < V; ++i) welford_step(mean[i], m2[i], v[u][i], rc);
+        for (int i = 0; i < V; ++i) welford_step(mean[i], m2[i], v[u][i] - pilot, rc);
       }
     }
     for (; e < it.e1; e += kStep) {
@@ -137,7 +166,7 @@ __device__ __forceinline__ void stats_cf(const FwdArgs<T>& a, int64_t bid, float
       cnt += 1.0f;
       const float rc = __frcp_rn(cnt);
 #pragma unroll
-      for (int i = 0; i < V; ++i) welford_step(mean[i], m2[i], v[i], rc);
+      for (int i = 0; i < V; ++i) welford_step(mean[i], m2[i], v[i] - pilot, rc);
     }
     Welford w = {mean[0], m2[0], cnt};
 #pragma unroll
@@ -146,8 +175,7 @@ __device__ __forceinline__ void stats_cf(const FwdArgs<T>& a, int64_t bid, float
     for (int o = 16; o > 0; o >>= 1) w = welford_merge(w, welford_shfl_xor(w, o));
     if (it.lane == 0) a.part[it.n * g.ps_n + it.c * g.ps_c + it.s] = make_float2(w.mean, w.m2);
   }
-  if (last_block(a, it.n, s_flag))
-    finalize_stats(g, a.part, it.n, a.eps, a.mean, a.inv_std, smem);
+  if (last_block(a, it.n, s_flag)) finalize_stats(a, it.n, smem);
 }
 
 // Per-channel constants of pass 2: y = fma(act((x - mu) * sc + bt), ps, pb).
@@ -162,7 +190,8 @@ __device__ __forceinline__ ApplyConst apply_const(const FwdArgs<T>& a, int64_t n
   ApplyConst k;
   k.mu = a.mean[n * a.g.groups + grp];
   k.sc = __ldg(a.gamma + c) * is;
-  k.bt = __ldg(a.beta + c);
+  // (x - mu - mean_lo) * sc + beta, with mean_lo folded into the offset.
+  k.bt = __ldg(a.beta + c) - a.mean_lo[n * a.g.groups + grp] * k.sc;
   if (a.use_proxy) {
     k.ps = __ldg(a.proxy_inv_std + c);
     k.pb = -__ldg(a.proxy_mean + c) * k.ps;
@@ -192,7 +221,10 @@ struct Forward {
   static constexpr int kPass1Tensors = 1;  // x
   static constexpr bool kTail = false;
   static constexpr const char* kWhat = "GroupNormAct forward kernel launch";
-  static size_t tail_bytes(const tfpn_problem&) { return 0; }
+  // mean_lo after the partials.
+  static size_t tail_bytes(const tfpn_problem& pr) {
+    return static_cast<size_t>(pr.n * pr.groups) * sizeof(float);
+  }
 
   template <typename T, int V, int ACT, int CL>
   static __device__ __forceinline__ void pass1(const FwdArgs<T>& a, int64_t bid,
@@ -221,6 +253,7 @@ int fwd_impl(const tfpn_problem& pr, const void* x, const float* gamma, const fl
                                           proxy_inv_std, workspace);
   a.y = static_cast<T*>(y);
   a.mean = mean, a.inv_std = inv_std;
+  a.mean_lo = static_cast<float*>(ws.tail);
   a.part = static_cast<float2*>(ws.part);
   a.eps = pr.epsilon;
   return launch_chunks<Forward, T>(a, pr, stream);

@@ -12,9 +12,9 @@ The library is built with `make` in this directory unless --no-build is given.
 
 --check compares the forward (y, mean, inv_std) and the backward (dx, dgamma, dbeta,
 dproxy_mean, dproxy_inv_std, with the forward's own mean/inv_std as TensorFlow passes them)
-with the float64 reference of reference_np.py, with tolerances scaled to the dtype and to
-the conditioning max|mean| * inv_std; prints PASS/FAIL per case and a summary; the exit
-code is 1 when a case fails.
+with the float64 reference of reference_np.py, with tolerances scaled to the dtype only:
+inputs whose mean is up to 1e4 times their std (cases with `offset`) must keep the same
+accuracy; prints PASS/FAIL per case and a summary; the exit code is 1 when a case fails.
 
 --bench times forward and forward+backward with CUDA events (median of --iters runs after
 warm-up) and reports the bandwidth efficiency against a device-to-device copy measured in
@@ -39,7 +39,6 @@ import reference_np as ref  # noqa: E402
 
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 ACTS = ref.ACTIVATIONS
-EPS32 = float(np.finfo(np.float32).eps)
 # Relative tolerance of the tensor outputs (y, dx): about 2 ulp of the storage type.
 OUT_RTOL = {"float32": 3e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 SUM_RTOL = 1e-4  # float32 sums, relative to the sum of |terms|
@@ -386,23 +385,23 @@ def run_case(runner, rng, shape, channels_last, groups, dtype, act, use_proxy, o
               use_proxy=use_proxy)
     y_ref, mean_ref, inv_ref, _ = ref.forward(x64, *p64, **kw)
     bw = ref.backward(dy64, x64, *p64, **kw)
-    # Conditioning: float32 statistics lose |mean| * eps32 absolutely, i.e. a relative
-    # error of kappa * eps32 on xhat.
-    kappa = float(np.max(np.abs(mean_ref) * inv_ref)) if mean_ref.size else 0.0
-    cond = 4.0 * EPS32 * kappa
+    # No allowance for the conditioning max |mean| * inv_std: the kernels centre x on the
+    # mean to float32 rounding of the deviations (pilot-shifted statistics, mean_lo), so a
+    # mean of 1e4 std costs nothing. (The float32 mean output itself is rounded to half an
+    # ulp of |mean|, a relative error of 6e-8 as rel_err measures it.)
     errs = {}
     rms_y = float(np.sqrt(np.mean(y_ref ** 2))) if y_ref.size else 1.0
-    errs["y"] = rel_err(y, y_ref, max(rms_y, 1e-6)) / (OUT_RTOL[dtype] + cond)
-    errs["mean"] = rel_err(mean, mean_ref, 1.0 / inv_ref) / (STAT_RTOL + cond)
-    errs["inv_std"] = rel_err(inv, inv_ref, 0.0) / (STAT_RTOL + cond)
+    errs["y"] = rel_err(y, y_ref, max(rms_y, 1e-6)) / OUT_RTOL[dtype]
+    errs["mean"] = rel_err(mean, mean_ref, 1.0 / inv_ref) / STAT_RTOL
+    errs["inv_std"] = rel_err(inv, inv_ref, 0.0) / STAT_RTOL
     # dx: elements whose pre-activation sits at a kink of relu/leaky_relu may legitimately
     # take the other side in float32; they are left out.
     mask = np.ones(y_ref.shape, bool)
     if act in ("relu", "leaky_relu"):
         a_full = ref.from_npc(bw["a"], shape, channels_last)
-        mask = np.abs(a_full) > 1e-3 * (1.0 + kappa * 1e-3)
+        mask = np.abs(a_full) > 1e-3
     scale = float(np.sqrt(np.mean(bw["dx_scale"] ** 2))) if dx.size else 1.0
-    tol_dx = OUT_RTOL[dtype] + cond
+    tol_dx = OUT_RTOL[dtype]
     errs["dx"] = rel_err(dx[mask], bw["dx"][mask], max(scale, 1e-6)) / tol_dx
     for name, got in zip(("dgamma", "dbeta", "dproxy_mean", "dproxy_inv_std"), grads):
         want = bw[name]
@@ -410,7 +409,7 @@ def run_case(runner, rng, shape, channels_last, groups, dtype, act, use_proxy, o
         err = np.max(np.abs(got - want) / atol) if want.size else 0.0
         if not use_proxy and name.startswith("dproxy"):
             err = float(np.max(np.abs(got))) * 1e30 if got.size else 0.0  # must be exact zeros
-        errs[name] = float(err) / (SUM_RTOL + cond)
+        errs[name] = float(err) / SUM_RTOL
     finite = all(np.all(np.isfinite(v)) for v in (y, mean, inv, dx, *grads))
     worst = max(errs.values()) if errs else 0.0
     return finite and worst <= 1.0, errs
@@ -446,6 +445,15 @@ def cmd_check(runner, args):
                           act="relu", use_proxy=True, misaligned=True))
         cases.append(dict(shape=(1, 9, 9, 128), channels_last=True, groups=32, dtype=dtype,
                           act="silu", use_proxy=True))
+    # Large offsets (issue 21): mean 1e2..1e4 times the std, GN / LN / IN, both layouts,
+    # several splits per (example, channel) (P = 400 positions), float32 (a 16-bit x
+    # cannot hold N(1e4, 1)).
+    if "float32" in dtypes:
+        for off, (groups, act), cl in itertools.product(
+                (1e2, 1e3, 1e4), ((8, "gelu"), (1, "relu"), (32, "silu")), (True, False)):
+            shape = (2, 20, 20, 32) if cl else (2, 32, 20, 20)
+            cases.append(dict(shape=shape, channels_last=cl, groups=groups, dtype="float32",
+                              act=act, use_proxy=groups != 1, offset=off))
     if args.quick:
         # Quick: every activation still runs, spread over the shapes.
         keep = []
