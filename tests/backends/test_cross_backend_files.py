@@ -7,9 +7,14 @@ backend; see conftest.py).
   of its weights (`tests/reference.py`);
 - `tfpn.export_saved_model` is TensorFlow-only: elsewhere a clear error at the call;
 - `model.export(format="tf_saved_model")` of a folded GN+PN CIFAR ResNet (with JAX:
-  through jax2tf) reloads with `tf.saved_model.load` and serves the model's outputs.
+  through jax2tf) reloads with `tf.saved_model.load` and serves the model's outputs;
+- a `.keras` file of a *compiled* model saved under PyTorch loads here (TensorFlow, JAX)
+  with the README's line, `load_model(path, compile=False)`, without importing torch (a
+  plain `load_model` imports it to rebuild the recorded PyTorch optimizer, which crashed
+  TensorFlow processes with PyTorch's CUDA build).
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -139,3 +144,82 @@ def test_keras_export_of_a_folded_model_loads_in_tensorflow(tmp_path):
     expected = keras.ops.convert_to_numpy(model(x, training=False))
     np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(), expected, rtol=1e-5,
                                atol=1e-5)
+
+
+# Run under PyTorch: a compiled GN+PN model, trained one step (the optimizer has state),
+# saved; its outputs after saving.
+TORCH_SAVE_SCRIPT = r"""
+import sys
+import keras
+import numpy as np
+import tf_proxynorm as tfpn
+
+path = sys.argv[1]
+keras.utils.set_random_seed(0)
+inputs = keras.Input((6, 6, 3))
+h = keras.layers.Conv2D(8, 3, padding="same")(inputs)
+h = tfpn.get_norm_act_layer("gn+pn", groups=4)(h)
+h = keras.layers.GlobalAveragePooling2D()(h)
+model = keras.Model(inputs, keras.layers.Dense(3)(h))
+model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+rng = np.random.default_rng(0)
+x = rng.standard_normal((8, 6, 6, 3)).astype("float32")
+model.fit(x, rng.integers(0, 3, 8), batch_size=8, epochs=1, verbose=0)
+model.save(path + ".keras")
+np.savez(path + ".npz", x=x, y=keras.ops.convert_to_numpy(model(x, training=False)))
+print("saved with", keras.backend.backend(), type(model.optimizer).__module__)
+"""
+
+# The README's line, then one training step on this backend; then what a plain
+# `load_model` does with the same file.
+README_LOAD_LINE = 'model = keras.saving.load_model("model.keras", compile=False)'
+LOAD_SCRIPT = r"""
+import os, sys
+import keras
+import numpy as np
+import tf_proxynorm
+
+os.chdir(sys.argv[1])
+saved = np.load("model.npz")
+{line}
+assert "torch" not in sys.modules, "compile=False imported torch"
+np.testing.assert_allclose(keras.ops.convert_to_numpy(model(saved["x"], training=False)),
+                           saved["y"], rtol=1e-5, atol=1e-5)
+model.compile(optimizer="adam",
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+model.fit(saved["x"], np.zeros(8, "int32"), batch_size=8, epochs=1, verbose=0)
+print("loaded with", keras.backend.backend(), "without torch")
+plain = keras.saving.load_model("model.keras")
+print("plain load_model: torch imported" if "torch" in sys.modules else "plain: no torch",
+      type(plain.optimizer).__module__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BACKEND == "torch", reason="a PyTorch file loaded on the other backends")
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs PyTorch to save")
+def test_keras_file_of_a_compiled_model_saved_under_torch_loads_with_the_readme_line(
+        tmp_path):
+    with open(os.path.join(REPO, "README.md")) as f:
+        assert README_LOAD_LINE in f.read(), "the README no longer documents the line tested"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "XLA_FLAGS": "--xla_backend_optimization_level=0",
+           "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", TORCH_SAVE_SCRIPT, str(tmp_path / "model")],
+                         env={**env, "KERAS_BACKEND": "torch"}, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "saved with torch keras.src.backend.torch.optimizers" in out.stdout
+
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT.format(line=README_LOAD_LINE), str(tmp_path)],
+        env={**env, "KERAS_BACKEND": BACKEND}, cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    # A negative return code is a signal: -11 is the segmentation fault (exit 139 in a
+    # shell) seen with PyTorch's CUDA build.
+    assert out.returncode == 0, (out.returncode, out.stdout[-3000:] + out.stderr[-3000:])
+    assert f"loaded with {BACKEND} without torch" in out.stdout
+    # Why the README says compile=False: what it avoids (if Keras stops recording the
+    # backend's optimizer class, update the README's backend section).
+    assert ("plain load_model: torch imported keras.src.backend.torch.optimizers"
+            in out.stdout), out.stdout
