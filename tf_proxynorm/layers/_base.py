@@ -16,6 +16,7 @@ Proxy Normalization's arguments and weights come from `ProxyNormMixin`
 import keras
 from keras import ops
 
+from tf_proxynorm.layers._args import check_bool, check_int
 from tf_proxynorm.ops import activations
 from tf_proxynorm.ops.norm_act import affine_act_proxy
 from tf_proxynorm.ops.stats import channel_axis
@@ -67,11 +68,9 @@ class AffineActBase(keras.layers.Layer):
         super().__init__(**kwargs)
         self.activation_name, self._activation_fn = activations.get(activation)
         self.activation = activation
-        if not isinstance(axis, int):
-            raise ValueError(f"`axis` must be an int (the channel axis). Received: axis={axis}")
-        self.axis = axis
-        self.center = bool(center)
-        self.scale = bool(scale)
+        self.axis = check_int("axis", axis, requirement="an int (the channel axis)")
+        self.center = check_bool("center", center)
+        self.scale = check_bool("scale", scale)
         self._affine_options = per_channel_options(locals(), _AFFINE_DEFAULTS)
         self.supports_masking = True
         # As Keras' GroupNormalization: inputs are not cast; statistics run in float32.

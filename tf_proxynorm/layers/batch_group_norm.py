@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from tf_proxynorm.layers._args import check_int
 from tf_proxynorm.layers.norm_act import BatchNormAct
 from tf_proxynorm.ops.masked import expand_mask
 from tf_proxynorm.ops.stats import moments, stats_dtype
@@ -69,9 +70,7 @@ class BatchGroupNormalization(BatchNormAct):
                  epsilon=BGN_EPSILON, **kwargs):
         super().__init__(activation=activation, axis=axis, momentum=momentum, epsilon=epsilon,
                          **kwargs)
-        if not isinstance(groups, int) or groups < 1:
-            raise ValueError(f"`groups` must be a positive int. Received: groups={groups}")
-        self.groups = groups
+        self.groups = check_int("groups", groups, lambda g: g >= 1, "a positive int")
 
     def build(self, input_shape):
         axis, channels = self._channels(input_shape)

@@ -2,6 +2,7 @@
 
 import keras
 
+from tf_proxynorm.layers._args import check_bool, check_int
 from tf_proxynorm.ops import activations
 from tf_proxynorm.ops.norm_act import affine_act_proxy
 from tf_proxynorm.ops.stats import channel_axis
@@ -43,11 +44,9 @@ class ChannelAffine(keras.layers.Layer):
 
     def __init__(self, axis=-1, use_scale=True, use_offset=True, activation=None, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(axis, int):
-            raise ValueError(f"`axis` must be an int (the channel axis). Received: axis={axis}")
-        self.axis = axis
-        self.use_scale = bool(use_scale)
-        self.use_offset = bool(use_offset)
+        self.axis = check_int("axis", axis, requirement="an int (the channel axis)")
+        self.use_scale = check_bool("use_scale", use_scale)
+        self.use_offset = check_bool("use_offset", use_offset)
         self.activation = activation
         self._activation_fn = activations.get(activation)[1]
         self.scale = self.offset = None

@@ -55,6 +55,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from tf_proxynorm.layers._args import check_bool, check_int
 from tf_proxynorm.layers._base import per_channel_options, serialize_options
 from tf_proxynorm.layers.moving_statistics import MovingStatistics
 from tf_proxynorm.ops import activations
@@ -74,9 +75,10 @@ _GRADIENT_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def _check_cbn_arguments(window_size, rho, burnin_steps, momentum, epsilon):
-    if not isinstance(window_size, int) or window_size < 1:
-        raise ValueError(f"`window_size` must be an int >= 1 (the current step and "
-                         f"window_size - 1 previous ones). Received: window_size={window_size}")
+    """Checks the CBN arguments; returns `(window_size, burnin_steps)` as Python ints."""
+    window_size = check_int(
+        "window_size", window_size, lambda w: w >= 1,
+        "an int >= 1 (the current step and window_size - 1 previous ones)")
     backend = keras.backend.backend()
     if window_size > 1 and backend not in _GRADIENT_BACKENDS:
         raise NotImplementedError(
@@ -84,15 +86,14 @@ def _check_cbn_arguments(window_size, rho, burnin_steps, momentum, epsilon):
             "with respect to the kernel, which is implemented for the TensorFlow, JAX and "
             f"PyTorch backends only. Received: backend={backend!r}, window_size={window_size}. "
             "Use KERAS_BACKEND=tensorflow, jax or torch, or window_size=1 (plain BatchNorm).")
-    if not isinstance(rho, (int, float)) or rho < 0:
-        raise ValueError(f"`rho` must be a number >= 0. Received: rho={rho}")
-    if not isinstance(burnin_steps, int) or burnin_steps < 0:
-        raise ValueError("`burnin_steps` must be an int >= 0. "
-                         f"Received: burnin_steps={burnin_steps}")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 0:
+        raise ValueError(f"`rho` must be a number >= 0. Received: rho={rho!r}")
+    burnin_steps = check_int("burnin_steps", burnin_steps, lambda b: b >= 0, "an int >= 0")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"`momentum` must be in [0, 1]. Received: momentum={momentum}")
     if not epsilon > 0:
         raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
+    return window_size, burnin_steps
 
 
 def _gradient(fn, x):
@@ -213,6 +214,8 @@ class CBNConv2D(keras.layers.Conv2D):
                  moving_mean_initializer="zeros", moving_variance_initializer="ones",
                  beta_regularizer=None, gamma_regularizer=None,
                  beta_constraint=None, gamma_constraint=None, **kwargs):
+        groups = check_int("groups", groups, lambda g: g >= 1, "a positive int")
+        use_bias = check_bool("use_bias", use_bias)
         super().__init__(
             filters, kernel_size, strides=strides, padding=padding, data_format=data_format,
             dilation_rate=dilation_rate, groups=groups, activation=None, use_bias=use_bias,
@@ -220,7 +223,8 @@ class CBNConv2D(keras.layers.Conv2D):
             kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
             activity_regularizer=activity_regularizer, kernel_constraint=kernel_constraint,
             bias_constraint=bias_constraint, **kwargs)
-        _check_cbn_arguments(window_size, rho, burnin_steps, momentum, epsilon)
+        window_size, burnin_steps = _check_cbn_arguments(
+            window_size, rho, burnin_steps, momentum, epsilon)
         self.norm_activation_name, self._norm_activation_fn = activations.get(activation)
         self.norm_activation = activation
         self.window_size = window_size
@@ -230,8 +234,8 @@ class CBNConv2D(keras.layers.Conv2D):
             "moving_mean": moving_mean_initializer,
             "moving_variance": moving_variance_initializer})
         self.epsilon = float(epsilon)
-        self.center = bool(center)
-        self.scale = bool(scale)
+        self.center = check_bool("center", center)
+        self.scale = check_bool("scale", scale)
         self._affine_options = per_channel_options(locals(), _AFFINE)
         self.gamma = self.beta = None
 
@@ -487,12 +491,12 @@ class CrossIterationBatchNormalization(keras.layers.Layer):
                  beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
                  gamma_constraint=None, **kwargs):
         super().__init__(**kwargs)
-        _check_cbn_arguments(window_size, rho, burnin_steps, momentum, epsilon)
+        window_size, burnin_steps = _check_cbn_arguments(
+            window_size, rho, burnin_steps, momentum, epsilon)
+        center, scale = check_bool("center", center), check_bool("scale", scale)
         activations.get(activation)  # fail early on an unknown activation
-        if axis not in (-1, 1, 3):
-            raise ValueError(f"`axis` must be -1 or 3 (channels_last) or 1 (channels_first). "
-                             f"Received: axis={axis}")
-        self.axis = axis
+        self.axis = check_int("axis", axis, lambda a: a in (-1, 1, 3),
+                              "-1 or 3 (channels_last) or 1 (channels_first)")
         given = locals()
         self._cbn = {}
         for name in _CBN_ARGS:

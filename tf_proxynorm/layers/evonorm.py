@@ -12,6 +12,7 @@ activation.
 import keras
 from keras import ops
 
+from tf_proxynorm.layers._args import check_int
 from tf_proxynorm.layers._base import NormActBase, per_channel_options, serialize_options
 from tf_proxynorm.layers.moving_statistics import MovingStatistics
 from tf_proxynorm.ops import activations
@@ -144,12 +145,9 @@ class EvoNormS0(_EvoNorm):
                 "`groups` and `group_size` are mutually exclusive: pass only one of them "
                 f"(`groups` defaults to {DEFAULT_GROUPS} when both are None). "
                 f"Received: groups={groups}, group_size={group_size}")
-        for name, value in (("groups", groups), ("group_size", group_size)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be a positive int or None. "
-                                 f"Received: {name}={value}")
-        self.groups = groups
-        self.group_size = group_size
+        self.groups, self.group_size = (
+            check_int(name, value, lambda v: v >= 1, "a positive int or None", allow_none=True)
+            for name, value in (("groups", groups), ("group_size", group_size)))
 
     def build(self, input_shape):
         axis, channels = self._channels(input_shape)

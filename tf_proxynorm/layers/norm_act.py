@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from tf_proxynorm import config, fused
+from tf_proxynorm.layers._args import check_bool, check_int
 from tf_proxynorm.layers._base import NormActBase
 from tf_proxynorm.layers.moving_statistics import MovingStatistics
 from tf_proxynorm.layers.proxy_norm_act import ProxyNormMixin
@@ -46,9 +47,8 @@ class _GroupNormAct(NormActBase):
     def __init__(self, groups=32, activation="relu", axis=-1, epsilon=1e-3,
                  implementation="auto", **kwargs):
         super().__init__(activation=activation, axis=axis, epsilon=epsilon, **kwargs)
-        if not isinstance(groups, int) or (groups < 1 and groups != -1):
-            raise ValueError(f"`groups` must be a positive int or -1. Received: groups={groups}")
-        self.groups = groups
+        self.groups = check_int("groups", groups, lambda g: g >= 1 or g == -1,
+                                "a positive int or -1")
         self.implementation = config.validate_implementation(implementation)
 
     def build(self, input_shape):
@@ -144,7 +144,7 @@ class GroupNormAct(ProxyNormMixin, _GroupNormAct):
     """
 
     def __init__(self, groups=32, activation="relu", proxy_norm=False, axis=-1, **kwargs):
-        self.proxy_norm = bool(proxy_norm)
+        self.proxy_norm = check_bool("proxy_norm", proxy_norm)
         super().__init__(groups=groups, activation=activation, axis=axis, **kwargs)
 
     def _output_step(self):
@@ -188,6 +188,10 @@ class LayerNormAct(_FixedGroupsNormAct):
 
     Args:{common}
 
+    Call arguments:
+        inputs, training, mask: as `GroupNormAct` (masked entries are left out of each
+            example's statistics).
+
     Reference:
         - [Ba et al., 2016](https://arxiv.org/abs/1607.06450), Layer Normalization.
         - [Labatie et al., 2021](https://arxiv.org/abs/2106.03743).
@@ -206,6 +210,10 @@ class InstanceNormAct(_FixedGroupsNormAct):
     ```
 
     Args:{common}
+
+    Call arguments:
+        inputs, training, mask: as `GroupNormAct` (masked entries are left out of each
+            example's per-channel statistics).
 
     Reference:
         - [Ulyanov et al., 2016](https://arxiv.org/abs/1607.08022), Instance Normalization.
@@ -234,6 +242,9 @@ class ShiftedGroupNormAct(_GroupNormAct):
         groups, activation, axis, epsilon, center, scale, implementation, initializers,
             regularizers, constraints: as `GroupNormAct` (no proxy arguments). The
             `offset` weight is initialized to zeros.
+
+    Call arguments:
+        inputs, training, mask: as `GroupNormAct`.
 
     Reference:
         - [Labatie et al., 2021](https://arxiv.org/abs/2106.03743), section 3 (folding).
@@ -307,7 +318,7 @@ class BatchNormAct(NormActBase):
         self.moving_statistics = MovingStatistics(self, momentum=momentum, initializers={
             "moving_mean": moving_mean_initializer,
             "moving_variance": moving_variance_initializer})
-        self.synchronized = bool(synchronized)
+        self.synchronized = check_bool("synchronized", synchronized)
 
     @property
     def momentum(self):
