@@ -37,7 +37,7 @@ info: setup
 	$(PY) -m tf_proxynorm.info
 
 demo: setup data build
-	$(PY) examples/demo.py --data_dir $(DATA_DIR)
+	$(PY) examples/demo.py --data_dir $(DATA_DIR) $(if $(DEMO_DIR),--model_dir=$(DEMO_DIR))
 
 # The whole suite on the TensorFlow backend, then the backend-neutral tests (tests/backends)
 # again on JAX and on PyTorch, each backend in its own pytest process. On JAX most of the

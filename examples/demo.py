@@ -5,6 +5,10 @@ them), then saves a `.keras` file, reloads it and the exported SavedModel, and c
 both give the trained model's outputs on the test set.
 
     python examples/demo.py --data_dir /usr/share/datasets/fashion-mnist
+
+Everything goes into `--model_dir`, by default a new folder
+`/tmp/tf_proxynorm_demo/run-<date>-<time>/`; the demo prints it first and last
+(`make demo DEMO_DIR=path` passes `--model_dir=path`).
 """
 
 import os
@@ -18,11 +22,13 @@ from absl import app, flags, logging
 import train
 
 FLAGS = flags.FLAGS
+# The default output folder: a new one per run under this one.
+DEFAULT_PARENT = "/tmp/tf_proxynorm_demo"
 DEFAULTS = dict(model="cifar_resnet", depth=20, width=1, norm="gn+pn",
                 norm_kwargs='{"groups": 8}', dataset="fashion_mnist", batch_size=128, epochs=3,
                 steps_per_epoch=100, validate=False, warmup_epochs=0.2, jit_compile=True,
                 verbose=2, model_dir=os.path.join(
-                    "/tmp/tf_proxynorm_demo", time.strftime("run-%Y%m%d-%H%M%S")))
+                    DEFAULT_PARENT, time.strftime("run-%Y%m%d-%H%M%S")))
 for name, value in DEFAULTS.items():
     FLAGS.set_default(name, value)
 
@@ -41,6 +47,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     if not FLAGS.export_dir:
         FLAGS.export_dir = os.path.join(FLAGS.model_dir, "saved_model")
+    print(f"Writing checkpoints, logs, metrics and the exported models to {FLAGS.model_dir} "
+          "(--model_dir; `make demo DEMO_DIR=...`).", flush=True)
     model, metrics, test_ds = train.run(FLAGS)
 
     keras_path = os.path.join(FLAGS.model_dir, "model.keras")
