@@ -11,6 +11,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from tf_proxynorm import _graph, config
 from tf_proxynorm.fold import fold_for_inference
+from tf_proxynorm.layers.norm_act import _GroupNormAct
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
 
 # Namespace of the fused op (docs/fused_op_contract.md): graphs holding such ops need the
@@ -61,9 +62,12 @@ def export_saved_model(model, path, fold=True, verbose=False):
     Args:
         model: a built Keras model (functional or Sequential to fold; any model otherwise).
         path: the directory to write.
-        fold: run `fold_for_inference` first (when the model has Proxy Norm layers), so the
-            served graph has no proxy-statistics computation. Requires a functional or
-            Sequential model. Defaults to True.
+        fold: run `fold_for_inference(model, inference_layers=True)` first (when the model
+            has Proxy Norm layers, or GN/LN/IN layers in a functional or Sequential model),
+            so the served graph has no proxy-statistics computation and every GN/LN/IN
+            layer runs in its inference form (`InferenceGroupNormAct`: one-pass shifted
+            statistics, one multiply-add and the activation). Folding a model with Proxy
+            Norm layers requires a functional or Sequential model. Defaults to True.
         verbose: print Keras' export summary.
 
     Returns:
@@ -93,8 +97,10 @@ def export_saved_model(model, path, fold=True, verbose=False):
             "writes a SavedModel through Keras' own export (with JAX: jax2tf, the model as "
             "one XlaCallModule op, which `tf.saved_model.load` reads), or set "
             f"KERAS_BACKEND=tensorflow. Received: backend={backend!r}")
-    if fold and _graph.contains(model, is_proxy_layer):
-        model = fold_for_inference(model)
+    if fold and (_graph.contains(model, is_proxy_layer) or (
+            _graph.is_graph_model(model) and _graph.contains(
+                model, lambda layer: isinstance(layer, _GroupNormAct)))):
+        model = fold_for_inference(model, inference_layers=True)
     with _all_layers_on_reference(model):
         model.export(str(path), format="tf_saved_model", verbose=verbose)
     custom = sorted(op for op in saved_model_op_types(str(path)) if op.startswith(CUSTOM_OP_PREFIX))

@@ -12,8 +12,10 @@ import numpy as np
 from tf_proxynorm import _graph
 from tf_proxynorm.convert import ConversionStep
 from tf_proxynorm.layers.channel_affine import ChannelAffine
-from tf_proxynorm.layers.norm_act import GroupNormAct, ShiftedGroupNormAct
+from tf_proxynorm.layers.inference_norm import HOMOGENEOUS, InferenceGroupNormAct
+from tf_proxynorm.layers.norm_act import GroupNormAct, ShiftedGroupNormAct, _GroupNormAct
 from tf_proxynorm.layers.proxy_norm_act import ProxyNormAct, is_proxy_layer
+from tf_proxynorm.ops import activations
 from tf_proxynorm.ops.stats import channel_axis
 
 
@@ -88,8 +90,10 @@ def _fold_weights(layer, scale, shift):
 
 
 class _Folder:
-    def __init__(self, prefix=""):
+    def __init__(self, prefix="", inference=False):
         self.prefix = prefix
+        self.inference = inference
+        self._inference_layers = {}   # id(norm layer) -> its inference form (shared layers)
         self.report = []
         self.targets = {}     # id(target node) -> (scale, shift or None, PN layer name)
         self._nested = {}
@@ -108,21 +112,43 @@ class _Folder:
             return self._absorb(node, args, kwargs, rewriter)
         if is_proxy_layer(layer):
             return self._fold_pn(node, args, kwargs, rewriter)
-        if _graph.is_graph_model(layer) and _graph.contains(layer, is_proxy_layer):
+        if self.inference and isinstance(layer, _GroupNormAct):
+            if id(layer) not in self._inference_layers:
+                self._inference_layers[id(layer)] = _inference_form(layer)
+                self._note(layer.name, layer.name, "replaced by its inference form "
+                           "(InferenceGroupNormAct)")
+            return self._inference_layers[id(layer)](args[0])
+        if _graph.is_graph_model(layer) and _graph.contains(layer, self._folds):
             folded = self._nested.get(id(layer))
             if folded is None:
-                sub = _Folder(prefix=f"{self.prefix}{layer.name}/")
+                sub = _Folder(prefix=f"{self.prefix}{layer.name}/", inference=self.inference)
                 folded = self._nested[id(layer)] = sub.fold(layer)
                 self.report.extend(sub.report)
             return rewriter.call_clone(layer, args, kwargs, clone=folded)[1]
         return rewriter.call_clone(layer, args, kwargs)[1]
+
+    def _folds(self, layer):
+        """Whether folding changes `layer` (a PN layer; with `inference`, any GN/LN/IN)."""
+        return is_proxy_layer(layer) or (self.inference and isinstance(layer, _GroupNormAct))
+
+    def _without_proxy(self, layer, offset=None):
+        if self.inference and isinstance(layer, _GroupNormAct):
+            return _inference_form(layer, offset=offset)
+        return _without_proxy(layer, offset=offset)
 
     # -- the PN layer ----------------------------------------------------------------------
     def _fold_pn(self, node, args, kwargs, rewriter):
         layer = node.operation
         mean, inv_std = (_float64(t) for t in layer.proxy_statistics())
         scale, shift = inv_std, -mean * inv_std
+        inference = self.inference and isinstance(layer, _GroupNormAct)
         if self.graph.num_calls(layer) > 1:
+            if inference:
+                if id(layer) not in self._shared:
+                    self._shared[id(layer)] = _inference_form(layer, scale, shift)
+                    self._note(layer.name, layer.name, "shared layer: inference form with "
+                               "the proxy step as its output affine")
+                return self._shared[id(layer)](args[0])
             if id(layer) not in self._shared:
                 self._shared[id(layer)] = (_without_proxy(layer), _affine_layer(layer, scale, shift,
                                                                           "proxy_affine"))
@@ -136,7 +162,7 @@ class _Folder:
         if (branches is not None and not any(exact for _, _, exact in branches)
                 and isinstance(layer, GroupNormAct)):
             # Every consumer needs the shift: it goes into the norm's own kernel.
-            z = _without_proxy(layer, offset=-mean)(args[0])
+            z = self._without_proxy(layer, offset=-mean)(args[0])
             for _, targets, _ in branches:
                 for target in targets:
                     self.targets[id(target)] = (scale, None)
@@ -144,7 +170,11 @@ class _Folder:
                                "proxy step removed, affine folded: scale into kernel, shift -m "
                                "kept as the norm's output offset (zero padding on the way)")
             return z
-        z = _without_proxy(layer)(args[0])
+        if branches is None and inference:
+            self._note(layer.name, layer.name, "proxy step removed; output affine kept in the "
+                       "inference form's output (no single linear layer absorbs it)")
+            return _inference_form(layer, scale, shift)(args[0])
+        z = self._without_proxy(layer)(args[0])
         if branches is None:
             affine = _affine_layer(layer, scale, shift, "proxy_affine")
             self._note(layer.name, affine.layer.name,
@@ -253,6 +283,33 @@ def _without_proxy(layer, offset=None):
                                   if v is not None})
 
 
+def _inference_form(layer, scale=None, offset=None):
+    """`InferenceGroupNormAct` computing `scale * layer(x) + offset` at inference.
+
+    `layer` is a GN/LN/IN layer (its proxy step, if any, dropped) or a
+    `ShiftedGroupNormAct` (its offset added to `offset`). A positive `scale` of a
+    positively homogeneous activation (ReLU, leaky ReLU, identity) goes into gamma and beta.
+    """
+    channels = layer.gamma.shape[0] if layer.gamma is not None else (
+        layer.beta.shape[0] if layer.beta is not None else None)
+    if channels is None:
+        channels = int(layer.input.shape[channel_axis(len(layer.input.shape), layer.axis)])
+    gamma = _float64(layer.gamma) if layer.gamma is not None else np.ones(channels)
+    beta = _float64(layer.beta) if layer.beta is not None else np.zeros(channels)
+    if isinstance(layer, ShiftedGroupNormAct):
+        own = _float64(layer.offset)
+        offset = own if offset is None else offset + (own if scale is None else scale * own)
+    name = activations.canonical_name(layer.activation)
+    if scale is not None and name in HOMOGENEOUS and np.all(scale > 0):
+        gamma, beta, scale = gamma * scale, beta * scale, None
+    new = InferenceGroupNormAct(
+        groups=layer.groups, activation=layer.activation, axis=layer.axis,
+        epsilon=layer.epsilon, use_output_scale=scale is not None,
+        use_output_offset=offset is not None, name=layer.name, dtype=layer.dtype_policy)
+    values = {"gamma": gamma, "beta": beta, "output_scale": scale, "output_offset": offset}
+    return _CopyOnFirstCall(new, {k: v for k, v in values.items() if v is not None})
+
+
 def _affine_layer(layer, scale, offset, suffix):
     """A `ChannelAffine` with the given per-channel scale/offset (None: not used)."""
     new = ChannelAffine(axis=layer.axis, use_scale=scale is not None,
@@ -262,7 +319,7 @@ def _affine_layer(layer, scale, offset, suffix):
                                   if v is not None})
 
 
-def fold_for_inference(model, *, return_report=False):
+def fold_for_inference(model, *, return_report=False, inference_layers=False):
     """Returns an inference model with Proxy Normalization's output affine folded away.
 
     Every layer with `proxy_norm=True` (`GroupNormAct`, `LayerNormAct`, `InstanceNormAct`,
@@ -284,6 +341,14 @@ def fold_for_inference(model, *, return_report=False):
     - otherwise (model output, residual addition, concatenation, shared layers, unknown
       layers) kept as a `ChannelAffine` "..._proxy_affine" after the layer.
 
+    With `inference_layers=True` (what `export_saved_model` uses), every GN/LN/IN layer,
+    with or without PN, and every `ShiftedGroupNormAct` becomes an `InferenceGroupNormAct`:
+    the same function at inference in few large TensorFlow ops (one-pass shifted
+    statistics, one multiply-add and the activation), with a PN affine that no linear
+    layer absorbs kept as its output scale and offset instead of a `ChannelAffine`. It
+    serves fastest on TensorFlow's graph executor, XLA and TFLite, but is inference-only
+    (no gradient contract, no fused op).
+
     Every other layer is cloned with its weights; the original model is untouched. The
     result computes the same function as `model` at inference (training-mode dropout and
     noise are not reproduced). Nested functional/Sequential models are folded recursively.
@@ -291,6 +356,7 @@ def fold_for_inference(model, *, return_report=False):
     Args:
         model: a functional or built Sequential `keras.Model`.
         return_report: also return the list of `ConversionStep(old, new, action)`.
+        inference_layers: replace the norm layers by their inference form (above).
 
     Returns:
         The folded model, or `(model, report)`.
@@ -303,6 +369,6 @@ def fold_for_inference(model, *, return_report=False):
     >>> model, _ = tfpn.convert_model(keras.applications.ResNet50V2(weights=None))
     >>> inference_model = tfpn.fold_for_inference(model)
     """
-    folder = _Folder()
+    folder = _Folder(inference=inference_layers)
     folded = folder.fold(model)
     return (folded, folder.report) if return_report else folded

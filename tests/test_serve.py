@@ -1,0 +1,210 @@
+"""The serving form (`InferenceGroupNormAct`, `fold_for_inference(inference_layers=True)`,
+`export_saved_model`) against float64 NumPy references, and a smoke run of
+benchmarks/bench_serve.py."""
+
+import importlib.util
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import reference as R
+import reference_other as RO
+import tf_proxynorm as tfpn
+from conftest import random_params, set_params
+from tf_proxynorm.export import saved_model_op_types
+from tf_proxynorm.layers.inference_norm import InferenceGroupNormAct
+
+L = keras.layers
+
+# name -> (layer factory, groups of the reference with 8 channels)
+_KINDS = {
+    "gn": (lambda **kw: tfpn.GroupNormAct(groups=2, **kw), 2),
+    "ln": (lambda **kw: tfpn.LayerNormAct(**kw), 1),
+    "in": (lambda **kw: tfpn.InstanceNormAct(**kw), 8),
+}
+_ACTIVATIONS = {"gn": "relu", "ln": "silu", "in": "leaky_relu"}
+
+
+def _norm_model(rng, kind, proxy, consumer, activation=None, offset=False):
+    """Input -> norm (-> 1x1 'valid' conv | 3x3 'same' conv), random parameters."""
+    activation = activation or _ACTIVATIONS[kind]
+    inputs = keras.Input((5, 5, 8))
+    if offset:
+        norm = tfpn.layers.ShiftedGroupNormAct(groups=4, activation=activation, name="n")
+    else:
+        norm = _KINDS[kind][0](activation=activation, proxy_norm=proxy, name="n")
+    x = norm(inputs)
+    if consumer == "1x1":
+        x = L.Conv2D(6, 1, name="c")(x)
+    elif consumer == "3x3":
+        x = L.Conv2D(6, 3, padding="same", name="c")(x)
+    model = keras.Model(inputs, x)
+    set_params(norm, random_params(rng, 8, proxy=proxy))
+    if offset:
+        norm.offset.assign((0.5 * rng.standard_normal(8)).astype("float32"))
+    if consumer != "out":
+        model.get_layer("c").bias.assign((0.3 * rng.standard_normal(6)).astype("float32"))
+    return model
+
+
+def _reference(model, x, kind, proxy, consumer, offset=False):
+    norm = model.get_layer("n")
+    p = {w.name: w.numpy() for w in norm.weights}
+    groups = 4 if offset else _KINDS[kind][1]
+    y = R.group_norm_act(x.astype(np.float64), groups, activation=norm.activation,
+                         gamma=p["gamma"], beta=p["beta"],
+                         proxy=(p["proxy_beta"], p["proxy_gamma"]) if proxy else None)
+    if offset:
+        y = y + p["offset"].astype(np.float64)
+    if consumer == "out":
+        return y
+    kernel, bias = (w.numpy() for w in model.get_layer("c").weights)
+    return RO.conv2d(y, kernel, 1, "valid" if consumer == "1x1" else "same", bias)
+
+
+_CASES = [(k, pn, c) for k in _KINDS for pn in (False, True) for c in ("out", "1x1", "3x3")]
+
+
+@pytest.mark.parametrize("inference_layers", [True, False])
+@pytest.mark.parametrize("kind,proxy,consumer", _CASES)
+def test_folded_norm_matches_float64_reference(rng, kind, proxy, consumer, inference_layers):
+    model = _norm_model(rng, kind, proxy, consumer)
+    x = (rng.standard_normal((3, 5, 5, 8)) * 1.5 + 0.7).astype("float32")
+    folded = tfpn.fold_for_inference(model, inference_layers=inference_layers)
+    ref = _reference(model, x, kind, proxy, consumer)
+    np.testing.assert_allclose(folded(x).numpy(), ref, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(model(x).numpy(), ref, atol=2e-5, rtol=1e-5)
+    norms = [l for l in folded.layers if isinstance(l, InferenceGroupNormAct)]
+    assert len(norms) == (1 if inference_layers else 0)
+    if inference_layers:     # nothing left of the proxy step: no ChannelAffine
+        assert [type(l).__name__ for l in folded.layers[1:]] == (
+            ["InferenceGroupNormAct"] + ([] if consumer == "out" else ["Conv2D"]))
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "leaky_relu", "linear"])
+@pytest.mark.parametrize("consumer", ["out", "3x3"])
+def test_every_activation_with_output_affine_and_offset(rng, activation, consumer):
+    model = _norm_model(rng, "gn", True, consumer, activation=activation)
+    x = rng.standard_normal((2, 5, 5, 8)).astype("float32")
+    folded = tfpn.fold_for_inference(model, inference_layers=True)
+    np.testing.assert_allclose(folded(x).numpy(), _reference(model, x, "gn", True, consumer),
+                               atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inference_layers", [True, False])
+def test_shifted_group_norm_act(rng, inference_layers):
+    model = _norm_model(rng, "gn", False, "out", activation="relu", offset=True)
+    x = rng.standard_normal((2, 5, 5, 8)).astype("float32")
+    folded = tfpn.fold_for_inference(model, inference_layers=inference_layers)
+    ref = _reference(model, x, "gn", False, "out", offset=True)
+    np.testing.assert_allclose(folded(x).numpy(), ref, atol=2e-5, rtol=1e-5)
+    assert isinstance(folded.get_layer("n"), InferenceGroupNormAct) == inference_layers
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("kind,proxy", [(k, pn) for k in _KINDS for pn in (False, True)]
+                         + [("shifted", False)])
+def test_export_and_load_match_float64_reference(rng, tmp_path, kind, proxy, fold):
+    offset = kind == "shifted"
+    kind = "gn" if offset else kind
+    model = _norm_model(rng, kind, proxy, "3x3", offset=offset)
+    path = str(tmp_path / "sm")
+    traced = tfpn.export_saved_model(model, path, fold=fold)
+    if fold:
+        assert isinstance(traced.get_layer("n"), InferenceGroupNormAct)
+    else:
+        assert traced is model
+    assert not any(op.startswith("TfProxyNorm>") for op in saved_model_op_types(path))
+    loaded = tf.saved_model.load(path)
+    x = (rng.standard_normal((4, 5, 5, 8)) - 2.0).astype("float32")
+    ref = _reference(model, x, kind, proxy, "3x3", offset=offset)
+    np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), ref, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(loaded.serve(tf.constant(x[:1])).numpy(), ref[:1], atol=2e-5,
+                               rtol=1e-5)
+
+
+def test_folded_export_graph_has_fewer_ops(rng, tmp_path):
+    model = _norm_model(rng, "gn", True, "3x3")
+    tfpn.export_saved_model(model, str(tmp_path / "f"), fold=True)
+    tfpn.export_saved_model(model, str(tmp_path / "u"), fold=False)
+
+    def count(path):
+        from tensorflow.core.protobuf import saved_model_pb2
+        proto = saved_model_pb2.SavedModel()
+        proto.ParseFromString((pathlib.Path(path) / "saved_model.pb").read_bytes())
+        graph = proto.meta_graphs[0].graph_def
+        return len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
+    assert count(tmp_path / "f") < count(tmp_path / "u") / 2
+
+
+@pytest.mark.parametrize("kind", list(_KINDS))
+def test_large_offset_inputs_stay_accurate(rng, kind):
+    """Mean 1e4, std 1: the shifted statistics keep the O(1) deviations exact."""
+    model = _norm_model(rng, kind, True, "out")
+    x = (1e4 + rng.standard_normal((2, 5, 5, 8))).astype("float32")
+    folded = tfpn.fold_for_inference(model, inference_layers=True)
+    ref = _reference(model, x, kind, True, "out")
+    np.testing.assert_allclose(folded(x).numpy(), ref, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,axis,groups", [((2, 4, 7, 3), 1, 2), ((3, 9, 6), -1, 3),
+                                               ((4, 6), -1, 1), ((2, 3, 4, 5, 6), -1, 6),
+                                               ((2, 4, 6, 5), 2, 3)])
+def test_layouts_and_ranks(rng, shape, axis, groups):
+    layer = InferenceGroupNormAct(groups=groups, activation="silu", axis=axis,
+                                  use_output_scale=True, use_output_offset=True)
+    layer.build(shape)
+    c = shape[axis]
+    values = {n: rng.standard_normal(c).astype("float32") for n in
+              ("gamma", "beta", "output_scale", "output_offset")}
+    for n, v in values.items():
+        getattr(layer, n).assign(v)
+    x = (rng.standard_normal(shape) + 3.0).astype("float32")
+    s = [1] * len(shape)
+    s[axis] = c
+    ref = (R.group_norm_act(x, groups, axis=axis, activation="silu", gamma=values["gamma"],
+                            beta=values["beta"]) * values["output_scale"].reshape(s)
+           + values["output_offset"].reshape(s))
+    np.testing.assert_allclose(layer(x).numpy(), ref, atol=2e-5, rtol=1e-5)
+    # Unknown spatial sizes (a reduction instead of the matmul with ones).
+    spec = [None] + [None if a not in (0, axis % len(shape)) else d
+                     for a, d in enumerate(shape)][1:]
+    fn = tf.function(layer, input_signature=[tf.TensorSpec(spec)])
+    np.testing.assert_allclose(fn(x).numpy(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_inference_model_keras_round_trip_and_xla(rng, tmp_path):
+    model = tfpn.models.cifar_resnet(8, norm="gn+pn", num_classes=3, input_shape=(8, 8, 3))
+    folded = tfpn.fold_for_inference(model, inference_layers=True)
+    path = str(tmp_path / "m.keras")
+    folded.save(path)
+    loaded = keras.saving.load_model(path)
+    x = rng.standard_normal((2, 8, 8, 3)).astype("float32")
+    want = model(x).numpy()
+    np.testing.assert_allclose(loaded(x).numpy(), want, atol=2e-5)
+    xla = tf.function(lambda t: folded(t, training=False), jit_compile=True)
+    np.testing.assert_allclose(xla(x).numpy(), want, atol=2e-5)
+    config = loaded.get_layer(folded.layers[2].name).get_config()
+    assert "groups" in config and "use_output_offset" in config
+
+
+@pytest.mark.slow
+def test_bench_serve_quick_mode(capsys):
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick", "--size=8", "--markdown"])
+    out = capsys.readouterr().out
+    got = {(r["variant"], r["path"]) for r in rows}
+    for path_ in ("saved_model", "graph", "xla", "tflite"):
+        assert ("bn", path_) in got and ("gn+pn_folded", path_) in got
+    for r in rows:
+        assert r["ms"] > 0 and np.isfinite(r["ratio"])
+        assert r["variant"] != "bn" or r["ratio"] == 1.0
+    assert "| cifar_resnet20 | gn+pn_folded | saved_model |" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--variants=gn+bn"])

@@ -1,0 +1,239 @@
+"""The serving form of GN / LN / IN (+ PN): few large ops, nothing recomputed from weights.
+
+`InferenceGroupNormAct` computes, per example and channel group,
+
+```python
+y = output_scale * act(gamma * (x - mean) / sqrt(var + epsilon) + beta) + output_offset
+```
+
+which is what a `GroupNormAct` / `LayerNormAct` / `InstanceNormAct` (with or without Proxy
+Norm) or a `ShiftedGroupNormAct` computes at inference once `fold_for_inference` has turned
+its proxy statistics into per-channel constants. It is forward-only (no custom gradient,
+no implementation switch, no fused op) and written for TensorFlow's graph executor, XLA
+and TFLite alike: per call and per layer, on the full-size tensor,
+
+- one subtraction `d = x - shift` (`shift` = each channel's value at the first position),
+- two reductions over the positions, `sum(d)` and `sum(d * d)` (one pass each),
+- one multiply-add `d * S + B` and the activation, with the per-(example, channel) `S`,
+  `B` computed on `(N, C)` tensors. With ReLU, a PN output offset rides in the same ops:
+  `relu(z) + b = maximum(z + b, b)`; a positive output scale of a positively homogeneous
+  activation (ReLU, leaky ReLU, identity) is folded into `gamma` and `beta` beforehand.
+
+Numerics (the shift idea of `tf_proxynorm.ops.group_norm._moments`): each channel's sums
+are taken of `d = x - shift_c` with `shift_c` one of its own values, so inputs with a large
+offset (mean 1e4, std 1) keep their precision; the per-channel variances
+`(sum(d^2) - sum(d)^2 / P) / P` are exact up to float32 rounding of the deviations times
+`1 + (shift_c - mean_c)^2 / var_c` (a small number unless the first position is an
+outlier of its channel), and channels are combined within a group with Chan's formula
+on the channel means taken relative to the group's first channel shift. The output is
+`d * S + (beta - e * S)` with `e` the group mean relative to `shift_c`: no large number is
+multiplied before the offset is removed.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from tf_proxynorm.ops import activations
+from tf_proxynorm.ops.stats import channel_axis, stats_dtype
+
+# Activations with act(a * z) = a * act(z) for a > 0.
+HOMOGENEOUS = ("identity", "relu", "leaky_relu")
+
+# How the per-(example, channel) sums over the positions are computed: "matmul" (a batched
+# matmul with a constant row of ones, oneDNN/XLA's fast path when the number of positions is
+# static) or "sum" (a reduction).
+REDUCTION = "matmul"
+
+
+def _view(x, axis, rank):
+    """`x` as `(N, P, C)` (channels last) or `(N, C, P)` (channels first), with the
+    position count P (static int or None), and a function mapping results back."""
+    channels = x.shape[axis]
+    red = [a for a in range(1, rank) if a != axis]
+    sizes = [x.shape[a] for a in red]
+    positions = int(np.prod(sizes)) if all(s is not None for s in sizes) else None
+    if axis not in (1, rank - 1):    # channels on a middle axis: moved last
+        perm = [0] + red + [axis]
+        inverse = list(np.argsort(perm))
+        moved = ops.transpose(x, perm)
+        view, _, back = _view(moved, rank - 1, rank)
+        return view, positions, lambda y: ops.transpose(back(y), inverse)
+    if rank == 2:
+        return ops.expand_dims(x, 1), 1, lambda y: ops.squeeze(y, 1)
+    shape = x.shape
+    if positions is not None:
+        view_shape = (-1, positions, channels) if axis != 1 else (-1, channels, positions)
+    elif axis != 1:
+        view_shape = (ops.shape(x)[0], -1, channels)
+    else:
+        view_shape = (ops.shape(x)[0], channels, -1)
+
+    def back(y):
+        if all(s is not None for s in shape[1:]):
+            return ops.reshape(y, (-1,) + tuple(shape[1:]))
+        return ops.reshape(y, ops.shape(x))
+    return ops.reshape(x, view_shape), positions, back
+
+
+def _sum_positions(t, last, positions):
+    """`(N, P, C)` -> `(N, 1, C)` (or `(N, C, P)` -> `(N, C, 1)`): sum over the positions."""
+    if REDUCTION == "matmul" and positions is not None:
+        if last:    # ones (1, 1, P) @ t (N, P, C)
+            return ops.matmul(ops.ones((1, 1, positions), dtype=t.dtype), t)
+        return ops.matmul(t, ops.ones((1, positions, 1), dtype=t.dtype))
+    return ops.sum(t, axis=1 if last else 2, keepdims=True)
+
+
+def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
+                             activation="relu", output_scale=None, output_offset=None):
+    """`output_scale * act(gamma * group_normalize(x) + beta) + output_offset`, forward only.
+
+    Args:
+        x: tensor of rank >= 2 with a static number of channels on `axis`.
+        gamma, beta: per-channel `(C,)` tensors (not None).
+        groups: number of contiguous channel groups (dividing C).
+        axis: channel axis.
+        epsilon: added to the group variance.
+        activation: name or callable.
+        output_scale, output_offset: per-channel `(C,)` tensors or None.
+
+    Returns:
+        A float32 tensor (float64 for float64 input) of the shape of `x`.
+    """
+    rank = len(x.shape)
+    axis = channel_axis(rank, axis)
+    channels = x.shape[axis]
+    if channels is None or groups < 1 or channels % groups:
+        raise ValueError(f"`groups` ({groups}) must divide the static channel count. "
+                         f"Received: x.shape={x.shape}")
+    per_group = channels // groups
+    name, act = activations.get(activation)
+    dtype = stats_dtype(x.dtype)
+    view, positions, back = _view(ops.cast(x, dtype), axis, rank)
+    last = axis != 1 or rank == 2
+    # Per-(example, channel) tensors are (N, 1, C) for channels last, (N, C, 1) first.
+    nc = (1, 1, channels) if last else (1, channels, 1)
+    if positions is not None:
+        count = float(positions)
+    else:
+        count = ops.cast(ops.shape(view)[1 if last else 2], dtype)
+    shift = view[:, :1, :] if last else view[:, :, :1]    # each channel's first value
+    d = view - shift
+    s1 = _sum_positions(d, last, positions)
+    s2 = _sum_positions(d * d, last, positions)
+    mean_c = s1 / count                                 # channel mean - shift_c
+    m2_c = ops.maximum(s2 - s1 * mean_c, 0.0)           # centered sum of squares
+    gamma = ops.cast(gamma, dtype)
+    beta = ops.cast(beta, dtype)
+    if per_group == 1:
+        scale = ops.reshape(gamma, nc) * ops.rsqrt(m2_c / count + epsilon)
+        bias = ops.reshape(beta, nc) - mean_c * scale
+    else:
+        g3 = (-1, groups, per_group)
+        sh = ops.reshape(shift, g3)
+        rel = sh - sh[:, :, :1]                           # shift_c - shift of the group's 1st
+        mu = rel + ops.reshape(mean_c, g3)                # channel means, same reference
+        mu_g = ops.mean(mu, axis=2, keepdims=True)        # (N, G, 1)
+        dev = mu - mu_g
+        m2 = ops.sum(ops.reshape(m2_c, g3) + count * (dev * dev), axis=2, keepdims=True)
+        inv = ops.rsqrt(m2 / (count * per_group) + epsilon)      # (N, G, 1)
+        scale3 = ops.reshape(gamma, (1, groups, per_group)) * inv
+        # x - mean_g = d - e with e = mu_g - rel (the group mean relative to shift_c).
+        bias3 = ops.reshape(beta, (1, groups, per_group)) - (mu_g - rel) * scale3
+        scale = ops.reshape(scale3, (-1,) + nc[1:])
+        bias = ops.reshape(bias3, (-1,) + nc[1:])
+    offset = None if output_offset is None else ops.reshape(ops.cast(output_offset, dtype), nc)
+    out_scale = None if output_scale is None else ops.reshape(ops.cast(output_scale, dtype), nc)
+    if offset is not None and out_scale is None and name in ("identity", "relu"):
+        # act(z) + b: identity: z + b; relu: maximum(z + b, b). Same ops as act(z) alone.
+        z = d * scale + (bias + offset)
+        return back(z if name == "identity" else ops.maximum(z, offset))
+    y = act(d * scale + bias)
+    if out_scale is not None:
+        y = y * out_scale
+    if offset is not None:
+        y = y + offset
+    return back(y)
+
+
+@keras.saving.register_keras_serializable(package="tf_proxynorm")
+class InferenceGroupNormAct(keras.layers.Layer):
+    """Inference-only GroupNorm + affine + activation + output affine (serving form).
+
+    ```python
+    y = output_scale * act(gamma * group_normalize(x) + beta) + output_offset
+    ```
+
+    `fold_for_inference(model, inference_layers=True)` (and `export_saved_model`) put it
+    in place of every `GroupNormAct`, `LayerNormAct`, `InstanceNormAct` and
+    `ShiftedGroupNormAct`, with the proxy statistics of a "+PN" layer turned into
+    `output_scale`/`output_offset` (or folded into `gamma`/`beta` and the next layer).
+    Same function as those layers at inference, computed with few large ops (see the
+    module docstring); it has no custom gradient and no fused-op path: use the original
+    layers to train.
+
+    Args:
+        groups: number of contiguous channel groups (1: LayerNorm; -1: one per channel).
+        activation: activation name or callable.
+        axis: channel axis.
+        epsilon: added to the group variance.
+        use_output_scale, use_output_offset: whether the layer owns the per-channel
+            `output_scale` (ones) / `output_offset` (zeros) weights.
+        **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
+    """
+
+    def __init__(self, groups=32, activation="relu", axis=-1, epsilon=1e-3,
+                 use_output_scale=False, use_output_offset=False, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(groups, int) or (groups < 1 and groups != -1):
+            raise ValueError(f"`groups` must be a positive int or -1. Received: groups={groups}")
+        if not isinstance(axis, int):
+            raise ValueError(f"`axis` must be an int (the channel axis). Received: axis={axis}")
+        self.groups = groups
+        self.activation = activation
+        self.activation_name, self._activation_fn = activations.get(activation)
+        self.axis = axis
+        self.epsilon = float(epsilon)
+        self.use_output_scale = bool(use_output_scale)
+        self.use_output_offset = bool(use_output_offset)
+        self.supports_masking = True
+        self.autocast = False
+        self.gamma = self.beta = self.output_scale = self.output_offset = None
+
+    def build(self, input_shape):
+        axis = channel_axis(len(input_shape), self.axis)
+        channels = input_shape[axis]
+        if channels is None:
+            raise ValueError(f"The channel axis {self.axis} must be static. "
+                             f"Received: input_shape={tuple(input_shape)}")
+        self._groups = channels if self.groups == -1 else self.groups
+        if channels % self._groups:
+            raise ValueError(f"Number of groups ({self.groups}) must divide the number of "
+                             f"channels ({channels}). Received: input_shape={input_shape}")
+        for name, on, init in (("gamma", True, "ones"), ("beta", True, "zeros"),
+                               ("output_scale", self.use_output_scale, "ones"),
+                               ("output_offset", self.use_output_offset, "zeros")):
+            if on:
+                setattr(self, name, self.add_weight(name=name, shape=(channels,),
+                                                    initializer=init, trainable=False,
+                                                    autocast=False, dtype="float32"))
+
+    def call(self, inputs, training=None):
+        y = group_norm_act_inference(
+            inputs, self.gamma, self.beta, groups=self._groups, axis=self.axis,
+            epsilon=self.epsilon, activation=self.activation_name or self._activation_fn,
+            output_scale=self.output_scale, output_offset=self.output_offset)
+        return ops.cast(y, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups,
+                "activation": activations.serialize(self.activation), "axis": self.axis,
+                "epsilon": self.epsilon, "use_output_scale": self.use_output_scale,
+                "use_output_offset": self.use_output_offset}
