@@ -168,7 +168,7 @@ NO_COMPILER_SCRIPT = """
         from tf_proxynorm.info import report
         loaded_at_import = fused.load_attempted()
         at_import = len(caught)
-        info_before = "\n".join(report())  # before any layer call: never builds
+        info_before = "\\n".join(report())  # before any layer call: never builds
         x = np.random.default_rng(0).standard_normal((2, 5, 5, 8)).astype("float32")
         layer = tfpn.GroupNormAct(groups=2, proxy_norm=True)
         layer.build(x.shape)

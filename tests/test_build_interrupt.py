@@ -280,22 +280,28 @@ def test_a_failure_recorded_while_waiting_for_the_lock_is_not_compiled_again(fak
 
 # -- progress ------------------------------------------------------------------------------
 
-def _build_command(env):
-    return subprocess.run([sys.executable, "-m", "tf_proxynorm.build"], cwd=str(TESTS),
-                          env=_subprocess_env(env, FAKE_CXX_TOUCH="1"), capture_output=True,
-                          text=True, timeout=600)
+def _build_command(capsys, *args):
+    """`python -m tf_proxynorm.build` run in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = build.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_build_command_shows_progress_and_is_quiet_when_cached(fake_env, tmp_path):
-    env = dict(fake_env, **{settings.ENV_CPU_ISAS: "generic,avx2,avx512"})
-    first = _build_command(env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    progress = [line for line in first.stderr.splitlines() if line.startswith("tf_proxynorm:")]
+def test_build_command_shows_progress_and_is_quiet_when_cached(fake_env, tmp_path,
+                                                              monkeypatch, capsys):
+    monkeypatch.setenv(settings.ENV_CPU_ISAS, "generic,avx2,avx512")
+    monkeypatch.setenv("FAKE_CXX_TOUCH", "1")
+    code, out, err = _build_command(capsys)
+    assert code == 0, err
+    progress = err.splitlines()
+    assert all(line.startswith("tf_proxynorm: ") for line in progress), progress
     assert progress[0].startswith("tf_proxynorm: building the fused op library into "
                                   f"{tmp_path / 'cache'}")
     assert "compiling 5 C++ units with fakecxx" in progress[1]
     assert "(CPU kernels: generic, avx2, avx512)" in progress[1]
     steps = progress[2:]
+    assert len(steps) == 6, steps
     for unit in ("CPU kernels, generic variant", "CPU kernels, avx2 variant",
                  "CPU kernels, avx512 variant", "op registration (group_norm_act_ops.cc)",
                  "CPU op wrapper (group_norm_act_cpu.cc)"):
@@ -303,12 +309,47 @@ def test_build_command_shows_progress_and_is_quiet_when_cached(fake_env, tmp_pat
     assert f"] linked {build.LIBRARY_NAME} (6/6, " in steps[-1]
     for line in steps:
         assert re.match(r"tf_proxynorm: \[ *\d+\.\d s\] .* \(\d/6, \d+\.\d s\)$", line), line
-    assert "fused op library ready in" in first.stdout
-    again = _build_command(env)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "tf_proxynorm:" not in again.stderr
-    (line,) = again.stdout.splitlines()
+    assert out.startswith("tf_proxynorm: fused op library ready in ")
+    code, out, err = _build_command(capsys)
+    assert code == 0 and err == ""
+    (line,) = out.splitlines()
     assert line.startswith("tf_proxynorm: fused op library already built: ")
+
+
+def test_build_command_ctrl_c_records_nothing_and_an_unwritable_cache_says_so_first(
+        fake_env, tmp_path, monkeypatch, capsys, cleanup):
+    """Ctrl-C (SIGINT to this process) while the command's compilers run: they are killed,
+    the command exits with 130 and records nothing. An unwritable cache: the reason comes
+    first, with no "building" line and no compile."""
+    monkeypatch.setenv("FAKE_CXX_SLEEP", "300")
+    cleanup.append(tmp_path / "calls.pids")
+
+    def interrupt_once_compiling():
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "calls.pids").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt_once_compiling)
+    thread.start()
+    sent = time.monotonic()
+    code, out, err = _build_command(capsys)
+    thread.join()
+    assert time.monotonic() - sent < 60
+    assert code == 130, err
+    assert "tf_proxynorm: interrupted; nothing was recorded" in err
+    pids = [int(p) for p in (tmp_path / "calls.pids").read_text().split()]
+    assert pids and all(_gone(pid) for pid in pids)
+    assert _leftovers(tmp_path / "cache") == []
+    monkeypatch.delenv("FAKE_CXX_SLEEP")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(settings.ENV_CACHE_DIR, str(tmp_path / "a-file" / "cache"))
+    calls = _calls(tmp_path)
+    code, out, err = _build_command(capsys)
+    assert code == 1
+    assert err.startswith(f"tf_proxynorm: the fused op was not built: the cache directory "
+                          f"{tmp_path / 'a-file' / 'cache'} is not writable"), err
+    assert _calls(tmp_path) == calls
 
 
 def test_first_use_progress_goes_to_the_logger(fake_env, monkeypatch, caplog):

@@ -339,7 +339,6 @@ def _compile_and_link(config, compiler, out_dir, log, progress):
     """Compiles every source into out_dir and links LIBRARY_NAME; returns the CUDA stamp."""
     src = source_dir()
     tf_compile, tf_link = config.compile_flags, config.link_flags
-    gpu = _cuda_step(config, src, tf_compile, out_dir, log, progress)
     have = [f"-DTFPN_HAVE_{isa.upper()}" for isa in config.isas if isa != "generic"]
     base = [compiler] + tf_compile + list(toolchain.CXXFLAGS)
     jobs = {}
@@ -356,7 +355,8 @@ def _compile_and_link(config, compiler, out_dir, log, progress):
                                               + ["-c", "-o", str(obj), str(src / _ISA_SOURCE)])
         objects.append(obj)
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
-    progress.add(len(jobs) + 1)
+    progress.add(len(jobs) + 1)   # the CUDA step adds its own steps when it starts
+    gpu = _cuda_step(config, src, tf_compile, out_dir, log, progress)
     progress.say(f"compiling {len(jobs)} C++ units with {os.path.basename(compiler)}, "
                  f"{workers} at a time (CPU kernels: {', '.join(config.isas)}), then linking")
     toolchain.run_parallel(jobs, log, progress, workers)
@@ -653,6 +653,9 @@ def main(argv=None):
     try:
         config = current_config()
         cached = not args.force and config.directory().exists()
+        problem = cache_write_problem(config.directory().parent)
+        if problem is not None and not cached:
+            raise BuildError(problem)   # before any "building" line
         if not cached:
             say(f"building the fused op library into {config.directory()}")
         path = build(config, force=args.force, verbose=args.verbose, progress=say)
