@@ -15,7 +15,7 @@ reference path keeps), exact in float32 (two passes), and it runs on every backe
 
 from keras import ops
 
-from tf_proxynorm.ops.stats import channel_axis, group_moments, stats_dtype
+from tf_proxynorm.ops.stats import channel_axis, group_moments, group_view, stats_dtype
 
 
 def expand_mask(mask, inputs_shape, axis):
@@ -54,6 +54,7 @@ def masked_group_normalize(x, mask, *, groups, axis=-1, epsilon=1e-3):
     ```python
     kept = broadcast(mask)            # per (example, position), the same for every channel
     mean = sum(x * kept) / count      # per (example, group); count = number kept (>= 1)
+                                      # (computed as shift + mean(x - shift), see below)
     var = sum((x - mean)^2 * kept) / count
     y = (x - mean) / sqrt(var + epsilon)        # at every entry, masked ones included
     ```
@@ -76,5 +77,14 @@ def masked_group_normalize(x, mask, *, groups, axis=-1, epsilon=1e-3):
     axis = channel_axis(rank, axis)
     x = ops.cast(x, stats_dtype(x.dtype))
     kept = ops.broadcast_to(expand_mask(mask, tuple(x.shape), axis), ops.shape(x))
-    mean, var, to_channels = group_moments(x, axis, groups, mask=kept)
-    return (x - to_channels(mean)) * to_channels(ops.rsqrt(var + epsilon))
+    # Shift by a first estimate of the mean (a constant for autodiff: GroupNorm does not
+    # change when its input is shifted), then take the moments of the deviations: for
+    # inputs of mean 1e4 and std 1, `x - mean` then keeps float32 precision, where the
+    # float32 mean alone would be off by up to half an ulp of 1e4 (5e-4).
+    view, reduce_axes, to_channels = group_view(x, axis, groups)
+    kept_view = group_view(kept, axis, groups)[0]
+    count = ops.maximum(ops.sum(ops.cast(kept_view, x.dtype), axis=reduce_axes), 1.0)
+    shift = ops.sum(ops.where(kept_view, view, ops.zeros_like(view)), axis=reduce_axes) / count
+    d = x - to_channels(ops.stop_gradient(shift))
+    mean, var, _ = group_moments(d, axis, groups, mask=kept)
+    return (d - to_channels(mean)) * to_channels(ops.rsqrt(var + epsilon))
