@@ -161,6 +161,22 @@ def test_raw_op_forward_side_outputs_and_gradients(raw, case):
               case["dtype"], center, scale)
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_raw_op_with_each_cpu_kernel_variant(raw, monkeypatch, isa):
+    """The pairwise grid with the CPU kernels that TF_PROXYNORM_CPU_ISA asks for (read at
+    each call; a variant that the library or the CPU lacks falls back to a lower one), so
+    that the variants a machine would not pick by itself are checked too. (The best one
+    runs in test_raw_op_forward_side_outputs_and_gradients.)"""
+    monkeypatch.setenv("TF_PROXYNORM_CPU_ISA", isa)
+    for case in CASES:
+        rng = np.random.default_rng(len(_case_id(case)))
+        shape, groups, channels_last = _geometry(case)
+        x_t, x_q = _raw_inputs(rng, shape, case["dtype"])
+        center, scale = case["affine"]
+        check_raw(raw, rng, x_t, x_q, groups, channels_last, case["activation"],
+                  case["proxy"], case["dtype"], center, scale)
+
+
 def case_layer_and_inputs(case, rng, implementation):
     """A built GroupNormAct for `case` with random weights, its inputs and a loss weight:
     `(layer, weight values, groups, x, x quantized to float64, w, w quantized)`."""
