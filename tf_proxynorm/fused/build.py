@@ -653,10 +653,12 @@ def main(argv=None):
     try:
         config = current_config()
         cached = not args.force and config.directory().exists()
-        problem = cache_write_problem(config.directory().parent)
-        if problem is not None and not cached:
-            raise BuildError(problem)   # before any "building" line
-        if not cached:
+        if not cached:   # what stops a build is said before any "building" line
+            if not config.compiler:
+                raise BuildError(toolchain.missing_compiler_reason())
+            problem = cache_write_problem(config.directory().parent)
+            if problem is not None:
+                raise BuildError(problem)
             say(f"building the fused op library into {config.directory()}")
         path = build(config, force=args.force, verbose=args.verbose, progress=say)
     except KeyboardInterrupt:

@@ -1,7 +1,8 @@
 """Every `TF_PROXYNORM_*` setting of the build and the cache, each parsed here only.
 
     TF_PROXYNORM_CACHE_DIR   cache root (default `~/.cache/tf_proxynorm`).
-    TF_PROXYNORM_NO_BUILD=1  never compile on first use; only load a cached library.
+    TF_PROXYNORM_NO_BUILD=1  never compile on first use (nor retry a failed build there);
+                             only load a cached library.
     TF_PROXYNORM_BUILD_CUDA  `auto` (default: GPU kernels when nvcc is found and TensorFlow
                              sees a GPU), `1` (always; an error without nvcc) or `0` (CPU only).
     TF_PROXYNORM_CUDA_ARCHS  compute capabilities of the GPU kernels (default 75,80,86,89,90).
