@@ -367,6 +367,74 @@ def test_first_use_progress_goes_to_the_logger(fake_env, monkeypatch, caplog):
     assert caplog.records == []
 
 
+FAKE_NVCC = r"""#!/bin/sh
+# Fake nvcc: a version, a toolkit root for `--dryrun`, else creates its `-o` file.
+case "$*" in *--version*) echo "Cuda compilation tools, release 12.5, V12.5.82"; exit 0;; esac
+case "$*" in *--dryrun*) echo "#\$ TOP=$FAKE_CUDA_ROOT" >&2; exit 0;; esac
+[ -n "$FAKE_CXX_LOG" ] && echo "nvcc $*" >> "$FAKE_CXX_LOG"
+while [ $# -gt 0 ]; do [ "$1" = -o ] && : > "$2"; shift; done; exit 0
+"""
+
+
+def test_cuda_step_progress_names_each_file_and_its_architectures(fake_env, tmp_path,
+                                                                  monkeypatch):
+    """The GPU step (with a fake nvcc and toolkit) reports what it compiles: one line with
+    the architectures, then one per .cu file and the GPU wrapper, and the link check."""
+    from tf_proxynorm.fused import cuda
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text(FAKE_NVCC)
+    nvcc.chmod(0o755)
+    root = tmp_path / "cuda"
+    (root / "lib64").mkdir(parents=True)
+    (root / "lib64" / "libcudart_static.a").write_text("")
+    monkeypatch.setenv("FAKE_CUDA_ROOT", str(root))
+    monkeypatch.setenv("FAKE_CXX_TOUCH", "1")
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = []
+    progress = build._Progress(lines.append, time.monotonic())
+    step = cuda.cuda_build_step({"nvcc": str(nvcc), "sass": ["sm_75", "sm_90"],
+                                 "ptx": "compute_90"}, build.source_dir(), [], str(out),
+                                lambda line: None, progress=progress)
+    targets = "sm_75, sm_90, compute_90 (PTX)"
+    cu_files = sorted(p.name for p in (build.source_dir() / "cuda").glob("*.cu"))
+    assert f"compiling the CUDA kernels with nvcc 12.5.82 for {targets}: {len(cu_files)} files" \
+        in lines[0], lines
+    for name in cu_files:
+        assert sum(f"] compiled CUDA {name} for {targets} (" in line for line in lines) == 1, lines
+    assert sum("] compiled GPU op wrapper (group_norm_act_gpu_kernels.cc) (" in line
+               for line in lines) == 1, lines
+    total = len(cu_files) + 2
+    assert "linked the CUDA kernels alone" in lines[-1] and f"({total}/{total}, " in lines[-1]
+    assert sorted(step["stamp"]["compile_seconds"]) == sorted(
+        cu_files + ["group_norm_act_gpu_kernels.cc"])
+
+
+@pytest.mark.parametrize("error, interrupted", [
+    (BuildInterrupted("`nvcc` was stopped by SIGKILL on gna_forward.cu"), True),
+    (BuildError("`nvcc` failed (exit 1) on gna_forward.cu:\nerror"), False),
+])
+def test_an_interrupted_gpu_step_is_not_a_cpu_only_fallback(monkeypatch, tmp_path, error,
+                                                           interrupted):
+    """A failed GPU step falls back to a CPU-only library with a warning; an interrupted
+    one interrupts the build (a CPU-only library must not be cached because of Ctrl-C)."""
+    from tf_proxynorm.fused import cuda
+
+    def step(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cuda, "cuda_build_step", step)
+    config = type("Config", (), {"cuda": {"nvcc": "nvcc"}})()
+    progress = build._Progress(lambda line: None, time.monotonic())
+    if interrupted:
+        with pytest.raises(BuildInterrupted):
+            build._cuda_step(config, tmp_path, [], tmp_path, lambda line: None, progress)
+    else:
+        with pytest.warns(RuntimeWarning, match="the GPU kernels failed to build"):
+            assert build._cuda_step(config, tmp_path, [], tmp_path, lambda line: None,
+                                    progress) == {}
+
+
 # -- info gives the reason the first layer call's warning gives ----------------------------
 
 def _first_layer_call_warning():
