@@ -16,6 +16,7 @@ import pytest
 
 import tf_proxynorm as tfpn
 from tf_proxynorm import layers as L
+from tf_proxynorm.layers.inference_norm import InferenceGroupNormAct
 
 # Every layer class of tf_proxynorm.layers: (required arguments, bool args, int args
 # with a valid value).
@@ -39,6 +40,8 @@ LAYERS = {
     L.CBNConv2D: ({"filters": 4, "kernel_size": 3}, ("center", "scale", "use_bias"),
                   {"window_size": 2, "burnin_steps": 3, "groups": 1}),
     L.WSConv2D: ({"filters": 4, "kernel_size": 3}, (), {}),
+    InferenceGroupNormAct: ({}, ("use_output_scale", "use_output_offset"),
+                            {"groups": 2, "axis": -1}),
 }
 
 BAD_BOOLS = ["no", "false", "", 1, 0, 1.0, None]
@@ -104,8 +107,9 @@ def test_int_arguments_take_numpy_ints(case):
 def test_every_layer_class_and_flag_is_covered():
     """Every layer class of `tf_proxynorm.layers`, and every argument of its constructor
     chain with a bool default, is in `LAYERS` (a new flag gets a test)."""
-    classes = {obj for obj in vars(L).values()
-               if isinstance(obj, type) and issubclass(obj, keras.layers.Layer)}
+    classes = {obj for module in (L, L.inference_norm) for obj in vars(module).values()
+               if isinstance(obj, type) and issubclass(obj, keras.layers.Layer)
+               and obj.__module__.startswith("tf_proxynorm")}
     assert classes == set(LAYERS), classes ^ set(LAYERS)
     for cls, (_, bools, _) in LAYERS.items():
         flags = set()

@@ -268,6 +268,43 @@ def test_embedding_mask_zero_model(rng, make):
     np.testing.assert_array_equal(np.asarray(norm.compute_mask(e, mask)), mask)
 
 
+@pytest.mark.parametrize("inference_layers", [False, True])
+def test_fold_for_inference_keeps_masked_outputs(rng, inference_layers):
+    """A GN+PN model behind `Embedding(mask_zero=True)`: the folded model (also with the
+    serving `InferenceGroupNormAct`) computes the same masked outputs."""
+    tokens = np.array([[3, 5, 2, 0, 0], [1, 1, 0, 0, 0], [4, 2, 6, 7, 1], [0, 0, 0, 0, 0]])
+    inputs = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(8, 4, mask_zero=True)(inputs)
+    norm = tfpn.GroupNormAct(groups=2, proxy_norm=True, activation="relu")
+    h = norm(h)
+    outputs = keras.layers.Dense(3)(h)
+    model = keras.Model(inputs, outputs)
+    set_params(norm, rng)
+    expected = np.asarray(model(tokens))
+    folded = tfpn.fold_for_inference(model, inference_layers=inference_layers)
+    if inference_layers:
+        assert any(type(layer).__name__ == "InferenceGroupNormAct" for layer in folded.layers)
+    assert_close(folded(tokens), expected, tol=1e-5)
+
+
+def test_inference_group_norm_act_mask(rng):
+    from tf_proxynorm.layers.inference_norm import InferenceGroupNormAct
+
+    x, mask = sequences(rng)
+    layer = InferenceGroupNormAct(groups=3, activation="silu", use_output_scale=True,
+                                  use_output_offset=True)
+    layer.build(x.shape)
+    w = {}
+    for v in layer.weights:
+        w[v.name] = (1.0 if v.name in ("gamma", "output_scale") else 0.0) + 0.3 * (
+            rng.standard_normal(v.shape))
+        v.assign(w[v.name].astype("float32"))
+    y = masked_group_normalize_np(x, mask, 3)
+    expected = (R.act("silu", w["gamma"] * y + w["beta"]) * w["output_scale"]
+                + w["output_offset"])
+    assert_close(layer(x, mask=mask), expected)
+
+
 @pytest.mark.parametrize("run_eagerly,mask_value", [(True, 0.0), (False, 0.1), (False, 1.0)])
 def test_batchnorm_ignores_masked_values_as_keras(run_eagerly, mask_value):
     """Keras' `test_bachnorm_ignore_masked_values`: moving mean [1.5, 5] (0.75 for the

@@ -34,7 +34,10 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_proxynorm.layers._args import check_bool, check_int
 from tf_proxynorm.ops import activations
+from tf_proxynorm.ops.masked import masked_group_normalize
+from tf_proxynorm.ops.norm_act import affine_act_proxy
 from tf_proxynorm.ops.stats import channel_axis, stats_dtype
 
 # Activations with act(a * z) = a * act(z) for a > 0.
@@ -157,6 +160,12 @@ def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
     return back(y)
 
 
+def _per_channel(v, y, axis):
+    shape = [1] * len(y.shape)
+    shape[channel_axis(len(y.shape), axis)] = -1
+    return ops.reshape(ops.cast(v, y.dtype), shape)
+
+
 @keras.saving.register_keras_serializable(package="tf_proxynorm")
 class InferenceGroupNormAct(keras.layers.Layer):
     """Inference-only GroupNorm + affine + activation + output affine (serving form).
@@ -181,22 +190,26 @@ class InferenceGroupNormAct(keras.layers.Layer):
         use_output_scale, use_output_offset: whether the layer owns the per-channel
             `output_scale` (ones) / `output_offset` (zeros) weights.
         **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
+
+    Call arguments:
+        inputs: a tensor of rank >= 2 with channels on `axis`.
+        training: ignored.
+        mask: optional Keras mask, as `GroupNormAct`'s: masked entries are left out of
+            each example's statistics (a masked call computes them with
+            `tf_proxynorm.ops.masked`, not in the one-pass form).
     """
 
     def __init__(self, groups=32, activation="relu", axis=-1, epsilon=1e-3,
                  use_output_scale=False, use_output_offset=False, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(groups, int) or (groups < 1 and groups != -1):
-            raise ValueError(f"`groups` must be a positive int or -1. Received: groups={groups}")
-        if not isinstance(axis, int):
-            raise ValueError(f"`axis` must be an int (the channel axis). Received: axis={axis}")
-        self.groups = groups
+        self.groups = check_int("groups", groups, lambda g: g >= 1 or g == -1,
+                                "a positive int or -1")
+        self.axis = check_int("axis", axis, requirement="an int (the channel axis)")
         self.activation = activation
         self.activation_name, self._activation_fn = activations.get(activation)
-        self.axis = axis
         self.epsilon = float(epsilon)
-        self.use_output_scale = bool(use_output_scale)
-        self.use_output_offset = bool(use_output_offset)
+        self.use_output_scale = check_bool("use_output_scale", use_output_scale)
+        self.use_output_offset = check_bool("use_output_offset", use_output_offset)
         self.supports_masking = True
         self.autocast = False
         self.gamma = self.beta = self.output_scale = self.output_offset = None
@@ -219,7 +232,20 @@ class InferenceGroupNormAct(keras.layers.Layer):
                                                     initializer=init, trainable=False,
                                                     autocast=False, dtype="float32"))
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None:
+            # As the training layers: masked entries are left out of the statistics
+            # (`tf_proxynorm.ops.masked`; a masked call does not take the one-pass form).
+            y = affine_act_proxy(
+                masked_group_normalize(inputs, mask, groups=self._groups, axis=self.axis,
+                                       epsilon=self.epsilon),
+                self.gamma, self.beta, axis=self.axis,
+                activation=self.activation_name or self._activation_fn)
+            if self.output_scale is not None:
+                y = y * _per_channel(self.output_scale, y, self.axis)
+            if self.output_offset is not None:
+                y = y + _per_channel(self.output_offset, y, self.axis)
+            return ops.cast(y, self.compute_dtype)
         y = group_norm_act_inference(
             inputs, self.gamma, self.beta, groups=self._groups, axis=self.axis,
             epsilon=self.epsilon, activation=self.activation_name or self._activation_fn,
