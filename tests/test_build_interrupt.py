@@ -247,6 +247,25 @@ def test_a_failed_build_is_retried_once_per_process(fake_env, tmp_path, monkeypa
     assert build.check_stamp(directory, build.current_config()) is None
 
 
+def test_a_failed_log_of_an_interrupted_build_by_an_older_version_is_retried(fake_env,
+                                                                             monkeypatch):
+    """The issue's leftover: a `.failed.log` holding only `# exit -2` lines (Ctrl-C, recorded
+    as a failure by an older version). First use retries it and, built, removes it; `info`
+    before that says the first layer call retries it."""
+    directory = build.current_config().directory()
+    directory.parent.mkdir(parents=True)
+    failed = build.failed_log(directory)
+    failed.write_text("# tf_proxynorm build of x\n$ g++ -c a.cc\n# exit -2 in 3.1 s\n")
+    step = build.plan()
+    assert step.builds and step.failure["message"] == f"the build failed (log: {failed})"
+    status, reason = _info_reason()
+    assert status.startswith("fused op library: NOT BUILT (the last build failed")
+    assert "retries it once" in reason
+    monkeypatch.setenv("FAKE_CXX_TOUCH", "1")
+    assert build.ensure_library(progress=lambda line: None).is_file()
+    assert not failed.exists()
+
+
 def test_a_failure_recorded_while_waiting_for_the_lock_is_not_compiled_again(fake_env, tmp_path):
     """Processes that start together on a broken set-up: the one holding the lock fails and
     records it; the waiting ones report that failure instead of each compiling in turn."""
