@@ -13,11 +13,16 @@ import keras
 
 from tf_proxynorm import _graph
 from tf_proxynorm.layers.factory import resolve_norm_act
-from tf_proxynorm.layers.norm_act import BatchNormAct
+from tf_proxynorm.layers.norm_act import BatchNormAct, GroupNormAct
+from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
 from tf_proxynorm.ops import activations
 
-ConversionStep = collections.namedtuple("ConversionStep", ["old", "new", "action"])
-ConversionStep.__doc__ = "One line of `convert_model`'s report: layer names and what happened."
+ConversionStep = collections.namedtuple("ConversionStep", ["old", "new", "action", "error"],
+                                        defaults=(None,))
+ConversionStep.__doc__ = """One line of `convert_model`'s report: layer names and what happened.
+
+`error`: with `calibration_data`, the relative error `||f' - f|| / ||f||` of the layer's
+output against the BN model's on the calibration data (None otherwise)."""
 
 # Overrides for a BN that no activation follows (e.g. before a residual addition): the
 # spec's "norm with scale and no shift" (Graphcore's choice for projection convs).
@@ -69,15 +74,25 @@ def _is_identity(activation):
 
 
 class _Converter:
-    def __init__(self, norm, norm_kwargs, copy_affine, linear_kwargs, prefix=""):
+    def __init__(self, norm, norm_kwargs, copy_affine, linear_kwargs, prefix="",
+                 calibrating=False):
         self.norm, self.norm_kwargs, self.copy_affine = norm, norm_kwargs, copy_affine
         self.linear_kwargs = linear_kwargs
+        self.calibrating = calibrating
         self.make = resolve_norm_act(norm, **norm_kwargs)
         probe = self.make()
+        if calibrating and not isinstance(probe, GroupNormAct):
+            raise ValueError(
+                "convert_model calibrates GroupNorm, LayerNorm and InstanceNorm (+PN) layers "
+                "(`GroupNormAct` and its subclasses), whose per-channel affine it fits; "
+                f"{norm!r} makes a {type(probe).__name__}. Received: norm={norm!r} with "
+                "calibration_data")
         self.has_proxy = bool(getattr(probe, "proxy_norm", False))
         self.groups = probe.groups if "groups" in probe.get_config() else None
         self.prefix = prefix
         self.report = []
+        self.pairs = []       # calibrate.Pair per replaced BN, in topological order
+        self._targets = {}    # id(node absorbing PN's affine) -> (Pair, bias exact)
         self._nested = {}
 
     def _note(self, old, new, action):
@@ -93,6 +108,8 @@ class _Converter:
         layer = node.operation
         if id(node) in self.folded:
             return self.folded[id(node)]
+        if id(node) in self._targets:
+            return self._absorbing_clone(node, args, kwargs, rewriter)
         if _is_batch_norm(layer):
             return self._replace_bn(node, args, kwargs, rewriter)
         if _graph.is_graph_model(layer) and _graph.contains(layer, _is_batch_norm):
@@ -109,10 +126,20 @@ class _Converter:
     def _nested_model(self, layer, args, kwargs, rewriter):
         converted = self._nested.get(id(layer))
         if converted is None:
+            if self.calibrating and self.graph.num_calls(layer) > 1:
+                raise ValueError(
+                    f"convert_model cannot calibrate the nested model {layer.name!r}: it is "
+                    f"called {self.graph.num_calls(layer)} times, and each call sees other "
+                    "inputs. Convert without `calibration_data`, or give each call its own "
+                    f"model. Received: model with shared nested model {layer.name!r}")
             sub = _Converter(self.norm, self.norm_kwargs, self.copy_affine, self.linear_kwargs,
-                             prefix=f"{self.prefix}{layer.name}/")
+                             prefix=f"{self.prefix}{layer.name}/", calibrating=self.calibrating)
             converted = sub.convert(layer)
+            for pair in sub.pairs:
+                pair.chain.insert(0, (layer, converted))
+                pair.step += len(self.report)
             self.report.extend(sub.report)
+            self.pairs.extend(sub.pairs)
             self._nested[id(layer)] = converted
         return rewriter.call_clone(layer, args, kwargs, clone=converted)[1]
 
@@ -149,7 +176,8 @@ class _Converter:
             consumers = self.graph.consumers[id(node.outputs[0])]
             unmerged = [] if "center" in self.linear_kwargs else [
                 c.operation.name for c in consumers if isinstance(c.operation, _ACTIVATION_LAYERS)]
-            if unmerged:
+            if unmerged or (self.calibrating and "center" not in self.linear_kwargs):
+                # Calibration reproduces the BN's output, shift included.
                 overrides.pop("center")
             kwargs_new.update(overrides)
         note = ""
@@ -173,10 +201,69 @@ class _Converter:
         self._note(bn.name, new.name,
                    f"{type(bn).__name__} -> {type(new).__name__} as {role}: {_describe(new)}{note}")
         if follower is not None:
-            self.folded[id(follower)] = outputs
             act = follower.operation
             self._note(act.name, new.name,
                        f"{type(act).__name__} folded into {new.name!r} (removed)")
+        if self.calibrating:
+            outputs = self._plan_calibration(node, follower, bn, new, outputs, rewriter)
+        if follower is not None:
+            self.folded[id(follower)] = outputs
+        return outputs
+
+    # -- calibration: where PN's output affine will be undone -----------------------------
+    def _plan_calibration(self, node, follower, bn, new, outputs, rewriter):
+        """Records the BN/new pair; for a PN layer, builds the graph that lets calibration
+        undo PN's output affine `z = (act - m) / s` where the BN model had `act`."""
+        from tf_proxynorm.calibrate import Pair
+        from tf_proxynorm.fold import _Folder
+        from tf_proxynorm.layers.channel_affine import ChannelAffine
+        from tf_proxynorm.ops.stats import channel_axis
+
+        pair = Pair(bn, new, self.prefix + new.name, len(self.report) - 1 - (follower is not None))
+        self.pairs.append(pair)
+        if not is_proxy_layer(new):
+            return outputs
+        tensor = (follower or node).outputs[0]      # what the next layers consume
+        rank = len(tensor.shape)
+        # The consumers fold_for_inference would fold PN's affine into, found by its code.
+        folder = _Folder()
+        folder.graph = self.graph
+        branches = folder._branches(tensor, rank, channel_axis(rank, new.axis))
+        if branches is None:
+            pair.inverse = ChannelAffine(axis=new.axis, name=f"{new.name}_calibration_affine",
+                                         dtype=new.dtype_policy)
+            self._note(new.name, pair.inverse.name,
+                       "calibration: PN's output affine undone by this ChannelAffine (no "
+                       "single linear layer takes it)")
+            return pair.inverse(outputs)
+        shifted = None
+        for first, targets, exact in branches:
+            if not exact:
+                if shifted is None:
+                    pair.shift = ChannelAffine(axis=new.axis, use_scale=False,
+                                               name=f"{new.name}_calibration_shift",
+                                               dtype=new.dtype_policy)
+                    shifted = pair.shift(outputs)
+                rewriter.edges[id(first)][id(tensor)] = shifted
+            for target in targets:
+                self._targets[id(target)] = (pair, exact)
+                how = ("scale into kernel, shift into bias" if exact else "scale into kernel, "
+                       f"shift in {pair.shift.name!r} (zero padding on the way)")
+                self._note(new.name, target.operation.name,
+                           f"calibration: PN's output affine undone in {how}")
+        return outputs
+
+    def _absorbing_clone(self, node, args, kwargs, rewriter):
+        """The clone of a layer that will take PN's output affine (with a bias if needed)."""
+        pair, exact = self._targets[id(node)]
+        layer = node.operation
+        use_bias = layer.use_bias or exact
+        new = type(layer).from_config({**layer.get_config(), "use_bias": use_bias})
+        outputs = rewriter.call_clone(layer, args, kwargs, clone=new)[1]
+        new.kernel.assign(layer.kernel)
+        if layer.use_bias:
+            new.bias.assign(layer.bias)
+        pair.targets.append((layer, new, exact))
         return outputs
 
 
@@ -186,7 +273,8 @@ def _describe(layer):
     return ", ".join(f"{k}={cfg[k]!r}" for k in keys if k in cfg)
 
 
-def convert_model(model, norm="gn+pn", *, copy_affine=True, linear_kwargs=None, **norm_kwargs):
+def convert_model(model, norm="gn+pn", *, copy_affine=True, calibration_data=None,
+                  linear_kwargs=None, **norm_kwargs):
     """Rebuilds a BatchNorm model with a batch-independent norm + activation (GN+PN default).
 
     Every `keras.layers.BatchNormalization` and `tf_proxynorm.BatchNormAct` layer becomes
@@ -245,6 +333,22 @@ def convert_model(model, norm="gn+pn", *, copy_affine=True, linear_kwargs=None, 
     >>> report[0]
     ConversionStep(old='conv2_block1_preact_bn', new='conv2_block1_preact_bn', action=...)
     """
-    converter = _Converter(norm, norm_kwargs, copy_affine, dict(linear_kwargs or {}))
+    batches = None
+    if calibration_data is not None:
+        from tf_proxynorm import calibrate
+
+        _graph.check_graph_model(model, "convert_model")
+        batches = calibrate.input_batches(model, calibration_data)
+    converter = _Converter(norm, norm_kwargs, copy_affine, dict(linear_kwargs or {}),
+                           calibrating=batches is not None)
     new_model = converter.convert(model)
-    return new_model, converter.report
+    if batches is None:
+        return new_model, converter.report
+    errors, output_error = calibrate.calibrate(model, new_model, converter.pairs, batches)
+    report = list(converter.report)
+    for pair, error in zip(converter.pairs, errors):
+        report[pair.step] = report[pair.step]._replace(error=error)
+    report.append(ConversionStep(model.name, new_model.name,
+                                 f"calibrated on {sum(len(b) for b in batches)} inputs: "
+                                 "relative error of the model's outputs", output_error))
+    return new_model, report
