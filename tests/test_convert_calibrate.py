@@ -231,3 +231,22 @@ def test_keras_applications(name):
     plain, _ = tfpn.convert_model(model, "gn+pn", groups=8)
     # Random weights and 1x1 deep feature maps: GN is far from BN there; still closer.
     assert relative_error(new(x), model(x)) < relative_error(plain(x), model(x))
+
+
+def test_keras_hub_resnet_backbone():
+    """KerasHub's ResNetBackbone, built from a config (nothing downloaded)."""
+    keras_hub = pytest.importorskip("keras_hub")
+    rng = np.random.default_rng(4)
+    keras.utils.set_random_seed(4)
+    model = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 64],
+        stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="basic_block",
+        use_pre_activation=False, image_shape=(16, 16, 3))
+    x = rng.standard_normal((24, 16, 16, 3)).astype("float32")
+    set_statistics(model, x[:16], rng)
+    new, report = tfpn.convert_model(model, "gn+pn", groups=8, calibration_data=x[:16])
+    assert not any(isinstance(l, L.BatchNormalization) for l in new._flatten_layers())
+    plain, _ = tfpn.convert_model(model, "gn+pn", groups=8)
+    held_out = x[16:]
+    assert (relative_error(new(held_out), model(held_out))
+            < relative_error(plain(held_out), model(held_out)) / 3)
