@@ -171,13 +171,16 @@ class _Geometry:
         self.per_group = self.channels // groups
         self.red = tuple(a for a in range(1, rank) if a != axis)
         sizes = [x.shape[a] for a in self.red]
+        # `positions` divides sums over the positions: at least 1, so that an empty
+        # tensor (0 positions) gives empty outputs and zero, not NaN, parameter gradients.
         self.positions_int = None
         if all(s is not None for s in sizes):
             self.positions_int = int(math.prod(sizes))
-            self.positions = float(self.positions_int)
+            self.positions = float(max(self.positions_int, 1))
         else:
             shape = ops.shape(x)
-            self.positions = ops.cast(ops.prod(ops.stack([shape[a] for a in self.red])), dtype)
+            self.positions = ops.maximum(ops.cast(ops.prod(ops.stack(
+                [shape[a] for a in self.red])), dtype), 1.0)
         # Per-(example, channel) tensors are kept as (N, C); `bcast` views them against x.
         self.bshape = [1] * rank
         self.bshape[axis] = self.channels
@@ -187,7 +190,9 @@ class _Geometry:
         """(N, C) or (C,) -> broadcastable against x."""
         if len(nc.shape) == 1:
             return ops.reshape(nc, self.bshape)
-        return ops.reshape(nc, [-1] + self.bshape[1:])
+        # (With no channels a -1 would be ambiguous: an empty tensor fits any batch size.)
+        batch = -1 if self.channels else ops.shape(nc)[0]
+        return ops.reshape(nc, [batch] + self.bshape[1:])
 
     def _one_hot(self):
         """(G, C) one-hot matrix of the group of each channel. Built at each use, not
@@ -232,7 +237,8 @@ class _Geometry:
         """
         if not self.red:
             return t
-        if not product or self.axis not in (1, self.rank - 1) or self.positions_int is None:
+        if (not product or self.axis not in (1, self.rank - 1) or not self.positions_int
+                or not self.channels):
             return ops.sum(t, axis=self.red)
         channels, positions = t.shape[self.axis], self.positions_int
         batch = ops.shape(t)[0]
@@ -256,7 +262,13 @@ def _moments(xf, g):
     of the *deviations*, not of the offset. The variance is two-pass per channel, combined
     over the channels of a group with Chan's parallel formula.
     """
-    first = ops.reshape(xf[g.first], (-1, g.groups, g.per_group))[:, :, 0]   # (N, G)
+    # The sum over the size-1 position axes of the first position is that position's
+    # value, or 0 for an empty tensor (where a reshape of it to (N, C) is ambiguous).
+    first_c = ops.sum(xf[g.first], axis=g.red) if g.red else xf               # (N, C)
+    if g.per_group:
+        first = ops.reshape(first_c, (-1, g.groups, g.per_group))[:, :, 0]   # (N, G)
+    else:   # no channels: an empty (N, 0) shift
+        first = g.group_sum(first_c)
     shift = ops.stop_gradient(g.from_groups(first))                          # (N, C)
     d = xf - g.bcast(shift)
     delta_c = g.sum_positions(d, product=True) / g.positions                # (N, C)
