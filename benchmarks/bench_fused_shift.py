@@ -13,6 +13,10 @@ alike). While one worker runs, the other waits on its pipe.
     python benchmarks/bench_fused_shift.py --old-rev HEAD~1 --offset 1e4   # large-offset inputs
     python benchmarks/bench_fused_shift.py --old-src /tmp/a/custom_ops --new-src custom_ops \\
         --shapes 8x56x56x256 --norms gn --rounds 9
+    python benchmarks/bench_fused_shift.py --old-rev HEAD~1 --threads 1 --cpu-time  # busy host
+
+On a busy host, an A/A run (--new-src the same folder as A) shows the noise floor; the CPU
+time of one intra-op thread is less sensitive to other processes than wall time.
 """
 
 import argparse
@@ -29,13 +33,17 @@ ROOT = HERE.parent
 DEFAULT_SHAPES = "8x56x56x256,32x56x56x64,8x28x28x512"
 
 
-def worker():
+def worker(threads, cpu_time):
     """Reads one JSON request per line: {"shape", "norm", "offset", "calls"}; answers with
-    {"fwd": [seconds], "fwd_bwd": [seconds]} of `calls` timed calls each."""
+    {"fwd": [seconds], "fwd_bwd": [seconds]} of `calls` timed calls each (wall time, or the
+    process's CPU time with `cpu_time`)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(HERE))
     import numpy as np
     import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
 
     import bench_norm
     import tf_proxynorm as tfpn
@@ -44,6 +52,13 @@ def worker():
         print(json.dumps({"error": tfpn.fused.unavailable_reason()}), flush=True)
         return 1
     print(json.dumps({"library": str(tfpn.fused.library_path())}), flush=True)
+    clock = time.process_time if cpu_time else time.perf_counter
+
+    def timed(fn, *args):
+        start = clock()
+        fn(*args)  # CPU tf.functions run synchronously
+        return clock() - start
+
     cache = {}
     for line in sys.stdin:
         request = json.loads(line)
@@ -63,17 +78,17 @@ def worker():
         fwd, fwd_bwd, x, dy = cache[key]
         out = {"fwd": [], "fwd_bwd": []}
         for _ in range(request["calls"]):
-            out["fwd"].append(bench_norm._time_once(fwd, x))
-            out["fwd_bwd"].append(bench_norm._time_once(fwd_bwd, x, dy))
+            out["fwd"].append(timed(fwd, x))
+            out["fwd_bwd"].append(timed(fwd_bwd, x, dy))
         print(json.dumps(out), flush=True)
     return 0
 
 
 class Worker:
-    def __init__(self, label, source):
+    def __init__(self, label, source, options):
         env = dict(os.environ, TF_PROXYNORM_SOURCE_DIR=str(source), TF_CPP_MIN_LOG_LEVEL="2")
         self.label = label
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], env=env,
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"] + options, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         hello = json.loads(self.proc.stdout.readline())
         if "error" in hello:
@@ -112,16 +127,25 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=2, help="timed calls per turn (median)")
     parser.add_argument("--offset", type=float, default=0.0, help="added to x (mean offset)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads of the workers (default: TensorFlow's)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the workers' CPU time instead of wall time (less sensitive "
+                             "to other processes; use with --threads 1)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker()
+        return worker(args.threads, args.cpu_time)
+    options = [f"--threads={args.threads}"] + (["--cpu-time"] if args.cpu_time else [])
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     norms = args.norms.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         old_src = Path(args.old_src) if args.old_src else export_rev(args.old_rev, tmp)
-        workers = {"A": Worker("A (old)", old_src), "B": Worker("B (new)", Path(args.new_src))}
-        print(f"offset {args.offset:g}, {args.rounds} rounds of {args.calls} calls; ms are "
+        workers = {"A": Worker("A (old)", old_src, options),
+                   "B": Worker("B (new)", Path(args.new_src), options)}
+        print(f"{'CPU' if args.cpu_time else 'wall'} time, intra-op threads "
+              f"{args.threads or 'default'}, offset {args.offset:g}, {args.rounds} rounds of "
+              f"{args.calls} calls; ms are "
               "medians over rounds, B/A the median of per-round ratios, best B/A the ratio "
               "of the fastest rounds")
         print(f"{'shape':>14s} {'norm':>4s} {'fwd A':>8s} {'fwd B':>8s} {'B/A':>6s} "

@@ -141,7 +141,8 @@ def outputs(request, inputs, tmp_path_factory):
     for i, values in enumerate(inputs):
         np.savez(folder / f"inputs{i}.npz", **values)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_PROXYNORM_CPU_ISA", None)
+    for name in ("TF_PROXYNORM_CPU_ISA", "TF_PROXYNORM_CPU_SLAB_BYTES"):  # set per case / mode
+        env.pop(name, None)
     result = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(MODES[request.param]), str(folder),
          json.dumps(ISAS)], capture_output=True, text=True, env=env, timeout=600)
