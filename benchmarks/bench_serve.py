@@ -47,6 +47,7 @@ VARIANTS = ("bn", "gn", "gn+pn", "gn+pn_folded", "ln+pn_folded")
 PATHS = ("saved_model", "graph", "xla", "tflite")
 BASELINE = "bn"
 _KEEP = []
+_TFLITE = {}
 
 
 def parse(argv):
@@ -129,8 +130,9 @@ def build_callables(model_name, variant, size, batch, paths, workdir, rng):
         out["xla"] = lambda x, f=fn: f(x).numpy()
     if "tflite" in paths:
         try:
-            converter = tf.lite.TFLiteConverter.from_saved_model(sm_path)
-            interpreter = tf.lite.Interpreter(model_content=converter.convert(), num_threads=2)
+            if sm_path not in _TFLITE:      # converted once per SavedModel
+                _TFLITE[sm_path] = tf.lite.TFLiteConverter.from_saved_model(sm_path).convert()
+            interpreter = tf.lite.Interpreter(model_content=_TFLITE[sm_path], num_threads=2)
             index = interpreter.get_input_details()[0]["index"]
             interpreter.resize_tensor_input(index, (batch, size, size, 3))
             interpreter.allocate_tensors()

@@ -48,6 +48,24 @@ def saved_model_op_types(path):
     return ops
 
 
+_SAVE_ROUTE = ("Save the model as a `.keras` file and run `tfpn.export_saved_model` on "
+               "`keras.saving.load_model(path, compile=False)` in a KERAS_BACKEND=tensorflow "
+               "process. ")
+# What works instead of export_saved_model on another Keras backend (each route is tested
+# under that backend in tests/backends/test_export_message_backends.py).
+_OTHER_BACKEND_ROUTE = {
+    "jax": ("With JAX, `tfpn.fold_for_inference(model).export(path, "
+            "format=\"tf_saved_model\")` writes a SavedModel through Keras' own export "
+            "(jax2tf: the model as one XlaCallModule op, which `tf.saved_model.load` reads), "
+            "or save a `.keras` file and export it from a KERAS_BACKEND=tensorflow process. "),
+    "torch": ("With PyTorch, save the model (`model.save(\"model.keras\")`) and run "
+              "`tfpn.export_saved_model(keras.saving.load_model(\"model.keras\", "
+              "compile=False), path)` in a KERAS_BACKEND=tensorflow process (Keras' own "
+              "`model.export(path, format=\"tf_saved_model\")` fails on PyTorch inside "
+              "torch.export). "),
+}
+
+
 def export_saved_model(model, path, fold=True, verbose=False):
     """Exports a model for serving as a TensorFlow SavedModel.
 
@@ -74,11 +92,13 @@ def export_saved_model(model, path, fold=True, verbose=False):
         The model that was traced (the folded model when `fold` folded something).
 
     Raises:
-        RuntimeError: on a Keras backend other than TensorFlow. With JAX,
-            `tfpn.fold_for_inference(model).export(path, format="tf_saved_model")` (Keras'
-            own export, through jax2tf) writes a SavedModel that `tf.saved_model.load`
-            reads without tf_proxynorm; its graph is one `XlaCallModule` op (StableHLO)
-            rather than TensorFlow ops.
+        RuntimeError: on a Keras backend other than TensorFlow; the message names what
+            works there. With JAX, `tfpn.fold_for_inference(model).export(path,
+            format="tf_saved_model")` (Keras' own export, through jax2tf) writes a
+            SavedModel that `tf.saved_model.load` reads without tf_proxynorm; its graph is
+            one `XlaCallModule` op (StableHLO) rather than TensorFlow ops. With PyTorch
+            (where Keras' own SavedModel export fails), save a `.keras` file and call
+            `export_saved_model` on it in a TensorFlow-backend process.
         ValueError: when `fold` is set for a subclassed model that holds Proxy Norm layers.
         RuntimeError: if the written graph still holds a fused-op node.
 
@@ -92,11 +112,8 @@ def export_saved_model(model, path, fold=True, verbose=False):
     if backend != "tensorflow":
         raise RuntimeError(
             "export_saved_model needs the TensorFlow backend (it traces the model into "
-            "TensorFlow ops and checks the graph). On another backend, "
-            "`tfpn.fold_for_inference(model).export(path, format=\"tf_saved_model\")` "
-            "writes a SavedModel through Keras' own export (with JAX: jax2tf, the model as "
-            "one XlaCallModule op, which `tf.saved_model.load` reads), or set "
-            f"KERAS_BACKEND=tensorflow. Received: backend={backend!r}")
+            f"TensorFlow ops and checks the graph). {_OTHER_BACKEND_ROUTE.get(backend, _SAVE_ROUTE)}"
+            f"Received: backend={backend!r}")
     if fold and (_graph.contains(model, is_proxy_layer) or (
             _graph.is_graph_model(model) and _graph.contains(
                 model, lambda layer: isinstance(layer, _GroupNormAct)))):
