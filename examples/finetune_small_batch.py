@@ -70,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--report", default=os.path.join(ROOT, "docs", "finetune_results.md"))
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "images", "finetune.png"))
     p.add_argument("--report_only", action="store_true")
+    p.add_argument("--conversion_sweep", action="store_true",
+                   help="Instead of the study: seed 0's BN model converted with other norms, "
+                        "group counts, calibration sizes and fit targets (SWEEP), task-A "
+                        "accuracy and logits error, into out_dir/conversion_sweep.csv.")
     args = p.parse_args(argv)
     if args.smoke:
         args.depth, args.pretrain_images, args.pretrain_epochs = 8, 128, 1
@@ -230,6 +234,53 @@ def run_one(args, method, batch_size, seed, tasks):
             "finetune_seconds": f"{seconds:.1f}"}
 
 
+# (label, norm, groups or None, calibration images (0: plain conversion), fit target)
+SWEEP = (("GN+PN plain", "gn+pn", 8, 0, "model"),
+         ("GN+PN calibrated (the study's)", "gn+pn", 8, 256, "model"),
+         ("GN+PN calibrated, target: BN on the converted input", "gn+pn", 8, 256, "layer"),
+         ("GN+PN calibrated, 1024 images", "gn+pn", 8, 1024, "model"),
+         ("GN (no PN) calibrated", "gn", 8, 256, "model"),
+         ("GN+PN, 4 groups, calibrated", "gn+pn", 4, 256, "model"),
+         ("LN+PN calibrated", "ln+pn", None, 256, "model"),
+         ("IN+PN calibrated", "in+pn", None, 256, "model"))
+SWEEP_COLUMNS = ("label", "norm", "groups", "calibration_images", "target", "acc_a",
+                 "logits_error", "bn_acc_a", "seconds")
+
+
+def conversion_sweep(args):
+    import keras
+    import tf_proxynorm as tfpn
+    from tf_proxynorm import calibrate
+
+    tasks = load_tasks(args)
+    xa, ya = tasks["a"][2], tasks["a"][3]
+    bn_model = pretrained(args, "bn", 0, tasks["a"])
+    ref = bn_model.predict(xa, batch_size=256, verbose=0)
+    bn_acc = float(np.mean(np.argmax(ref, -1) == ya))
+    path = os.path.join(args.out_dir, "conversion_sweep.csv")
+    done = {r["label"] for r in read_rows(path)}
+    start_image = args.pretrain_images
+    for label, norm, groups, images, target in SWEEP:
+        if label in done:
+            continue
+        kwargs = {"groups": groups} if groups else {}
+        data = tasks["a"][0][start_image:start_image + images] if images else None
+        calibrate.TARGET = target
+        start = time.time()
+        model, _ = tfpn.convert_model(bn_model, norm, calibration_data=data, **kwargs)
+        calibrate.TARGET = "model"
+        seconds = time.time() - start
+        out = model.predict(xa, batch_size=256, verbose=0)
+        row = {"label": label, "norm": norm, "groups": groups or "", "calibration_images": images,
+               "target": target, "acc_a": f"{np.mean(np.argmax(out, -1) == ya):.4f}",
+               "logits_error": f"{np.linalg.norm(out - ref) / np.linalg.norm(ref):.4f}",
+               "bn_acc_a": f"{bn_acc:.4f}", "seconds": f"{seconds:.0f}"}
+        _append(path, row, SWEEP_COLUMNS)
+        print(f"{label}: task A {row['acc_a']} (BN {row['bn_acc_a']}), logits error "
+              f"{row['logits_error']}", flush=True)
+        keras.backend.clear_session()
+
+
 # -- bookkeeping ---------------------------------------------------------------------------------
 def read_rows(path):
     if not os.path.exists(path):
@@ -239,10 +290,14 @@ def read_rows(path):
 
 
 def append_row(path, row):
+    _append(path, row, COLUMNS)
+
+
+def _append(path, row, columns):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, columns, lineterminator="\n")
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -360,6 +415,9 @@ def write_plot(args, cells):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.conversion_sweep:
+        conversion_sweep(args)
+        return
     if not args.report_only:
         run_study(args)
     write_report(args)

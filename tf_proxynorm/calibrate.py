@@ -33,6 +33,11 @@ BATCH_SIZE = 64
 # Up to this many bytes, a layer's (target, regressor) arrays are kept between the fit and
 # the error pass instead of being computed again.
 CACHE_BYTES = 512 * 2**20
+# The target of each fit: "model", the BN's output on its input in the BN model (the
+# default: the fit also corrects the upstream layers' errors), or "layer", the BN applied
+# to the converted model's input of the layer (reproduces each BN locally; errors add up).
+# A module setting for the comparison in docs/finetune.md, not an API.
+TARGET = "model"
 
 
 class Pair:
@@ -207,8 +212,9 @@ def _calibrate_pair(pair, old_reader, new_reader, batches):
     new_chain = [nw for _, nw in pair.chain]
 
     def read(x):
-        t = _channels_last(_numpy(old_reader(bn, old_chain, x)), axis) * a_bn + b_bn
         x_new = new_reader(new, new_chain, x)
+        x_bn = old_reader(bn, old_chain, x) if TARGET == "model" else x_new
+        t = _channels_last(_numpy(x_bn), axis) * a_bn + b_bn
         y = _channels_last(_numpy(new.normalized_output(x_new)), new.axis)
         return t, y
 
