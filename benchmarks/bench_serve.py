@@ -63,6 +63,9 @@ def parse(argv):
     p.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: CIFAR ResNet-20 at 16x16, batch 1, 2 rounds of 1 call")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time; cpu: CPU time of this process (all its threads), "
+                   "steadier when other jobs share the cores")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table")
     args = p.parse_args(argv)
     if args.quick:
@@ -148,11 +151,15 @@ def build_callables(model_name, variant, size, batch, paths, workdir, rng):
     return out
 
 
-def time_calls(fn, x, calls):
-    start = time.perf_counter()
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_calls(fn, x, calls, clock="wall"):
+    clock = CLOCK[clock]
+    start = clock()
     for _ in range(calls):
         fn(x)
-    return (time.perf_counter() - start) / calls
+    return (clock() - start) / calls
 
 
 def measure(args, model_name, batch, workdir):
@@ -182,7 +189,7 @@ def measure(args, model_name, batch, workdir):
     for r in range(rounds):
         shift = r % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            times[key].append(time_calls(fns[key], xs.get(key[1], x_tf), calls))
+            times[key].append(time_calls(fns[key], xs.get(key[1], x_tf), calls, args.clock))
     rows = []
     for (variant, path), t in times.items():
         base = times.get((BASELINE, path))
