@@ -69,7 +69,7 @@ class MovingStatistics:
         """Whether a call with `training` normalizes with batch statistics."""
         return bool(training) and self._layer.trainable
 
-    def select(self, training, batch_statistics, update=True):
+    def select(self, training, batch_statistics, update=True, count=None):
         """The statistics to normalize with.
 
         Args:
@@ -78,6 +78,9 @@ class MovingStatistics:
                 name; it is only called when they are used.
             update: whether using the batch statistics also updates the moving averages
                 (`False` to read a layer's normalized output without changing it).
+            count: optional number of elements the batch statistics were measured on (a
+                scalar): with none (an empty batch, or every element masked) the moving
+                averages stay as they are.
 
         Returns:
             A tuple of tensors: the batch statistics, or the moving averages.
@@ -86,14 +89,18 @@ class MovingStatistics:
             return self.variables
         batch = tuple(batch_statistics())
         if update:
-            self.update(batch)
+            self.update(batch, count)
         return batch
 
-    def update(self, batch):
-        """`moving = moving * momentum + batch * (1 - momentum)` for each statistic."""
+    def update(self, batch, count=None):
+        """`moving = moving * momentum + batch * (1 - momentum)` for each statistic
+        (unchanged when `count`, the number of elements measured, is 0)."""
         for moving, value in zip(self.variables, batch, strict=True):
-            moving.assign(moving * self.momentum
-                          + ops.cast(value, moving.dtype) * (1.0 - self.momentum))
+            old = ops.convert_to_tensor(moving)
+            new = old * self.momentum + ops.cast(value, old.dtype) * (1.0 - self.momentum)
+            if count is not None:
+                new = ops.where(ops.greater(count, 0), new, old)
+            moving.assign(new)
 
     def config(self):
         """The Keras config entries: `momentum` and one `<name>_initializer` per name."""

@@ -69,7 +69,8 @@ class _GroupNormAct(NormActBase):
             raise ValueError(
                 "implementation='fused' was requested but the fused op is not available: "
                 f"{fused.unavailable_reason()}. Received: implementation='fused'")
-        self._groups = channels if self.groups == -1 else self.groups
+        # One group per channel; a tensor without channels is one (empty) group.
+        self._groups = max(channels, 1) if self.groups == -1 else self.groups
         super().build(input_shape)
 
     def _output_step(self):
@@ -291,8 +292,10 @@ class BatchNormAct(NormActBase):
         momentum: momentum of the moving averages. Defaults to 0.99 (as Keras).
         moving_mean_initializer, moving_variance_initializer: zeros and ones.
         synchronized: compute the batch statistics across replicas of a
-            `tf.distribute` strategy (Keras' synchronized BatchNorm). As in Keras, only
-            the TensorFlow backend synchronizes; other backends use the local batch.
+            `tf.distribute` strategy (Keras' synchronized BatchNorm; without it each
+            replica uses its own batch). On JAX, `keras.distribution.DataParallel` runs
+            one program over the global batch: the statistics are global either way.
+            An empty batch leaves the moving averages as they are.
 
     The switch between batch and moving statistics and the update of the moving averages
     are those of every batch-statistics layer of the package: see
@@ -337,8 +340,10 @@ class BatchNormAct(NormActBase):
                                           synchronized=self.synchronized)
 
     def _normalize(self, inputs, training, update, mask=None):
+        # An empty batch (or all masked) measures nothing: the moving averages then stay.
+        count = ops.size(inputs) if mask is None else ops.sum(ops.cast(mask, "int32"))
         mean, var = self.moving_statistics.select(
-            training, lambda: self._batch_moments(inputs, mask), update)
+            training, lambda: self._batch_moments(inputs, mask), update, count=count)
         return norm_act_ops.batch_norm_act(inputs, mean, var, axis=self.axis,
                                            epsilon=self.epsilon, activation=None)
 
