@@ -208,3 +208,21 @@ def test_bench_serve_quick_mode(capsys):
     assert "| cifar_resnet20 | gn+pn_folded | saved_model |" in out
     with pytest.raises(SystemExit):
         bench.main(["--variants=gn+bn"])
+
+
+def test_shared_and_nested_layers(rng):
+    """A norm layer called twice and a nested functional model, in the serving form."""
+    shared = tfpn.GroupNormAct(groups=2, proxy_norm=True, name="shared")
+    inner_in = keras.Input((4, 4, 8))
+    inner = keras.Model(inner_in, tfpn.LayerNormAct(activation="gelu", proxy_norm=True,
+                                                    name="ln")(inner_in), name="inner")
+    inputs = keras.Input((4, 4, 8))
+    x = L.Add()([shared(inputs), shared(L.Conv2D(8, 1)(inputs))])
+    model = keras.Model(inputs, L.Conv2D(3, 3, padding="same")(inner(x)))
+    set_params(shared, random_params(rng, 8))
+    set_params(inner.get_layer("ln"), random_params(rng, 8))
+    folded = tfpn.fold_for_inference(model, inference_layers=True)
+    x = rng.standard_normal((2, 4, 4, 8)).astype("float32")
+    np.testing.assert_allclose(folded(x).numpy(), model(x).numpy(), atol=2e-5)
+    assert isinstance(folded.get_layer("inner").get_layer("ln"), InferenceGroupNormAct)
+    assert sum(isinstance(l, InferenceGroupNormAct) for l in folded.layers) == 1
