@@ -18,6 +18,7 @@ Every run records the accuracy on task A's test images right after pretraining/c
 (before fine-tuning, old head) and on task B's test images after fine-tuning. Seeds 0, 1, 2.
 
     python examples/finetune_small_batch.py            # the study (resumable), then the report
+    python examples/finetune_small_batch.py --conversion_sweep   # conversions of seed 0's model
     python examples/finetune_small_batch.py --report_only
     python examples/finetune_small_batch.py --smoke --out_dir=/tmp/ft   # seconds, synthetic
 
@@ -42,6 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("bn", "frozen_bn", "plain", "calibrated", "gnpn_scratch")
 LABELS = {"bn": "BN (training mode)", "frozen_bn": "FrozenBN", "plain": "GN+PN, plain conversion",
           "calibrated": "GN+PN, calibrated conversion", "gnpn_scratch": "GN+PN from scratch"}
+SHORT_LABELS = {"bn": "BN\ntraining mode", "frozen_bn": "FrozenBN", "plain": "GN+PN\nplain conv.",
+                "calibrated": "GN+PN\ncalibrated", "gnpn_scratch": "GN+PN\nfrom scratch"}
 COLUMNS = ("method", "batch_size", "seed", "config_hash", "acc_a_before", "acc_b_after",
            "output_error", "finetune_seconds", "finished_at")
 PROTOCOL = 1
@@ -67,7 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="Synthetic data, tiny sizes, one seed: checks the pipeline in seconds.")
     p.add_argument("--out_dir", default=os.path.join(ROOT, "docs", "results", "finetune"))
-    p.add_argument("--report", default=os.path.join(ROOT, "docs", "finetune_results.md"))
+    p.add_argument("--report", default=os.path.join(ROOT, "docs", "results", "finetune",
+                                                    "results.md"))
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "images", "finetune.png"))
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--conversion_sweep", action="store_true",
@@ -400,7 +404,7 @@ def write_plot(args, cells):
             xs = np.arange(len(args.methods)) + (i - (len(args.batch_sizes) - 1) / 2) * width
             ax.bar(xs, means, width, yerr=ses, capsize=3, label=f"batch {batch_size}")
         ax.set_xticks(np.arange(len(args.methods)))
-        ax.set_xticklabels([LABELS[m].replace(", ", "\n") for m in args.methods], fontsize=7)
+        ax.set_xticklabels([SHORT_LABELS[m] for m in args.methods], fontsize=7)
         ax.set_title(title)
         ax.set_ylabel("accuracy %")
         lows = [100 * float(r[column]) for rows in cells.values() for r in rows]
