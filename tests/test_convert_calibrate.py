@@ -250,3 +250,43 @@ def test_keras_hub_resnet_backbone():
     held_out = x[16:]
     assert (relative_error(new(held_out), model(held_out))
             < relative_error(plain(held_out), model(held_out)) / 3)
+
+
+def _fold_places(report):
+    """{(PN layer, absorbing layer or "affine"): bias exact} from fold_for_inference's report."""
+    out = {}
+    for s in report:
+        if "no single linear layer absorbs it" in s.action:
+            out[(s.old, "affine")] = None
+        elif "affine folded" in s.action:
+            out[(s.old, s.new)] = "shift into bias" in s.action
+    return out
+
+
+def _calibration_places(report):
+    out = {}
+    for s in report:
+        if s.action.startswith("calibration: PN's output affine undone"):
+            if s.new.endswith("_calibration_affine"):
+                out[(s.old, "affine")] = None
+            else:
+                out[(s.old, s.new)] = "shift into bias" in s.action
+    return out
+
+
+@pytest.mark.parametrize("case", ["exact", "resnet", "mobilenet"])
+def test_affine_undone_where_fold_for_inference_folds_it(case, resnet_case, rng):
+    if case == "exact":
+        model, norm, kwargs, x = exact_model(), "in+pn", {}, rng.standard_normal((4, 6, 6, 4))
+    elif case == "resnet":
+        model, _, _, x = resnet_case
+        norm, kwargs, x = "gn+pn", {"groups": 4}, x[:4]
+    else:
+        model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3),
+                                               classes=3, alpha=0.35)
+        norm, kwargs, x = "gn+pn", {"groups": 4}, rng.standard_normal((2, 32, 32, 3))
+    plain, _ = tfpn.convert_model(model, norm, **kwargs)
+    _, fold_report = tfpn.fold_for_inference(plain, return_report=True)
+    _, report = tfpn.convert_model(model, norm, calibration_data=x.astype("float32"), **kwargs)
+    places = _calibration_places(report)
+    assert places and places == _fold_places(fold_report)

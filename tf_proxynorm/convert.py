@@ -214,8 +214,7 @@ class _Converter:
     def _plan_calibration(self, node, follower, bn, new, outputs, rewriter):
         """Records the BN/new pair; for a PN layer, builds the graph that lets calibration
         undo PN's output affine `z = (act - m) / s` where the BN model had `act`."""
-        from tf_proxynorm.calibrate import Pair
-        from tf_proxynorm.fold import _Folder
+        from tf_proxynorm.calibrate import Pair, absorbing_branches
         from tf_proxynorm.layers.channel_affine import ChannelAffine
         from tf_proxynorm.ops.stats import channel_axis
 
@@ -225,10 +224,8 @@ class _Converter:
             return outputs
         tensor = (follower or node).outputs[0]      # what the next layers consume
         rank = len(tensor.shape)
-        # The consumers fold_for_inference would fold PN's affine into, found by its code.
-        folder = _Folder()
-        folder.graph = self.graph
-        branches = folder._branches(tensor, rank, channel_axis(rank, new.axis))
+        # The consumers fold_for_inference would fold PN's affine into (its rules).
+        branches = absorbing_branches(self.graph, tensor, rank, channel_axis(rank, new.axis))
         if branches is None:
             pair.inverse = ChannelAffine(axis=new.axis, name=f"{new.name}_calibration_affine",
                                          dtype=new.dtype_policy)
@@ -311,6 +308,18 @@ def convert_model(model, norm="gn+pn", *, copy_affine=True, calibration_data=Non
             default: useful to fine-tune a trained BN model, and a no-op for an untrained
             one since both initialize to 1/0). `False` keeps the new layer's initializers
             (defensible since GN and BN statistics differ).
+        calibration_data: inputs of `model` (a few hundred: a NumPy array, a
+            `tf.data.Dataset` or any iterable of batches, `x` or `(x, y, ...)` tuples) to
+            calibrate on: layer by layer in topological order, each new norm's per-channel
+            `gamma`/`beta` become the least-squares fit of the BN model's pre-activation on
+            the norm's normalized output (its input taken from the converted model, whose
+            earlier layers are already calibrated); PN's proxy takes the observed
+            per-channel mean/std of that output, and PN's output affine is undone where
+            `fold_for_inference` could fold it (next Conv/DepthwiseConv/Dense kernel and
+            bias; the shift in a `ChannelAffine` in front of a zero-padded conv; a
+            `ChannelAffine` inverse where no linear layer takes it). Linear norms keep
+            the BN's shift. GroupNorm/LayerNorm/InstanceNorm (+PN) norms only; see
+            `tf_proxynorm/calibrate.py` and docs/finetune.md.
         linear_kwargs: overrides of `LINEAR_NORM_DEFAULTS` for BNs no activation follows
             (e.g. `{"center": True}` keeps the shift).
         **norm_kwargs: arguments of the norm layers (`groups=16`, `epsilon=1e-5`, ...).
@@ -318,13 +327,18 @@ def convert_model(model, norm="gn+pn", *, copy_affine=True, calibration_data=Non
     Returns:
         `(new_model, report)`: the report is a list of `ConversionStep(old, new, action)`,
         one per replaced BN and per activation folded into it (names in nested models
-        are prefixed `"submodel/"`).
+        are prefixed `"submodel/"`). With `calibration_data`, each BN's line has `error`,
+        the relative error `||f' - f|| / ||f||` of the layer's output (after its
+        activation, PN's affine undone) against the BN model's on the calibration data;
+        lines say where PN's affine went; the last line is the model's outputs' error.
 
     Raises:
         ValueError: for a subclassed model (also nested, if it holds BN layers), a layer
             wrapping a BN (e.g. `TimeDistributed(BatchNormalization())`), a Sequential model
             without a known input shape, a BN layer called more than once in the model, or
-            an unknown norm name / argument.
+            an unknown norm name / argument; with `calibration_data`: data that is not
+            batches of the model's (single) input, a norm other than GN/LN/IN(+PN), a
+            nested model called more than once.
 
     Example:
 
