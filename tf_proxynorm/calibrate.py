@@ -16,7 +16,7 @@ errors do not compound along the depth. Proxy Norm's proxy `Y~ = proxy_beta +
 (so `gamma Y~ + beta` has those of the pre-activation), and PN's output affine
 `z = (act - m) / s` is undone where its output goes, as planned by `convert.py`:
 into the kernel and bias of the next Conv/DepthwiseConv/Dense where `fold_for_inference`
-could fold it (the same layers, found by its code), the scale only into the kernel and
+could fold it (its rules, repeated here and tested against it), the scale only into the kernel and
 the shift into a `ChannelAffine` offset in front where zero padding is on the way, and a
 `ChannelAffine` inverse `s * z + m` where no linear layer takes it.
 """
