@@ -11,7 +11,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from tf_proxynorm import _graph, config
 from tf_proxynorm.fold import fold_for_inference
-from tf_proxynorm.layers.norm_act import _GroupNormAct
+from tf_proxynorm.layers.norm_act import GroupNormAct, ShiftedGroupNormAct
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
 
 # Namespace of the fused op (docs/fused_op_contract.md): graphs holding such ops need the
@@ -116,7 +116,7 @@ def export_saved_model(model, path, fold=True, verbose=False):
             f"Received: backend={backend!r}")
     if fold and (_graph.contains(model, is_proxy_layer) or (
             _graph.is_graph_model(model) and _graph.contains(
-                model, lambda layer: isinstance(layer, _GroupNormAct)))):
+                model, lambda layer: isinstance(layer, (GroupNormAct, ShiftedGroupNormAct))))):
         model = fold_for_inference(model, inference_layers=True)
     with _all_layers_on_reference(model):
         model.export(str(path), format="tf_saved_model", verbose=verbose)

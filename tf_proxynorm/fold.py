@@ -13,10 +13,13 @@ from tf_proxynorm import _graph
 from tf_proxynorm.convert import ConversionStep
 from tf_proxynorm.layers.channel_affine import ChannelAffine
 from tf_proxynorm.layers.inference_norm import HOMOGENEOUS, InferenceGroupNormAct
-from tf_proxynorm.layers.norm_act import GroupNormAct, ShiftedGroupNormAct, _GroupNormAct
+from tf_proxynorm.layers.norm_act import GroupNormAct, ShiftedGroupNormAct
 from tf_proxynorm.layers.proxy_norm_act import ProxyNormAct, is_proxy_layer
 from tf_proxynorm.ops import activations
 from tf_proxynorm.ops.stats import channel_axis
+
+# Every GN/LN/IN layer (with or without PN) and the folded ShiftedGroupNormAct.
+_GROUP_NORM_LAYERS = (GroupNormAct, ShiftedGroupNormAct)
 
 
 # Layers between PN-Act and the layer that absorbs its affine. "both": commutes with a
@@ -112,7 +115,7 @@ class _Folder:
             return self._absorb(node, args, kwargs, rewriter)
         if is_proxy_layer(layer):
             return self._fold_pn(node, args, kwargs, rewriter)
-        if self.inference and isinstance(layer, _GroupNormAct):
+        if self.inference and isinstance(layer, _GROUP_NORM_LAYERS):
             if id(layer) not in self._inference_layers:
                 self._inference_layers[id(layer)] = _inference_form(layer)
                 self._note(layer.name, layer.name, "replaced by its inference form "
@@ -129,10 +132,10 @@ class _Folder:
 
     def _folds(self, layer):
         """Whether folding changes `layer` (a PN layer; with `inference`, any GN/LN/IN)."""
-        return is_proxy_layer(layer) or (self.inference and isinstance(layer, _GroupNormAct))
+        return is_proxy_layer(layer) or (self.inference and isinstance(layer, _GROUP_NORM_LAYERS))
 
     def _without_proxy(self, layer, offset=None):
-        if self.inference and isinstance(layer, _GroupNormAct):
+        if self.inference and isinstance(layer, _GROUP_NORM_LAYERS):
             return _inference_form(layer, offset=offset)
         return _without_proxy(layer, offset=offset)
 
@@ -141,7 +144,7 @@ class _Folder:
         layer = node.operation
         mean, inv_std = (_float64(t) for t in layer.proxy_statistics())
         scale, shift = inv_std, -mean * inv_std
-        inference = self.inference and isinstance(layer, _GroupNormAct)
+        inference = self.inference and isinstance(layer, _GROUP_NORM_LAYERS)
         if self.graph.num_calls(layer) > 1:
             if inference:
                 if id(layer) not in self._shared:
