@@ -119,6 +119,16 @@ def _start_first_use_and_wait_for_the_compilers(env, tmp_path):
     return proc, [int(p) for p in pids.read_text().split()]
 
 
+@pytest.fixture(autouse=True)
+def sigint_acts():
+    """SIGINT raises KeyboardInterrupt here and kills the child processes, as in a
+    terminal: pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored
+    in every process they start (the fake compilers, a first-use subprocess)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture
 def cleanup():
     """Kills, after the test, the processes it registered that still run (a failing test
