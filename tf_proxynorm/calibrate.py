@@ -16,15 +16,15 @@ errors do not compound along the depth. Proxy Norm's proxy `Y~ = proxy_beta +
 (so `gamma Y~ + beta` has those of the pre-activation), and PN's output affine
 `z = (act - m) / s` is undone where its output goes, as planned by `convert.py`:
 into the kernel and bias of the next Conv/DepthwiseConv/Dense where `fold_for_inference`
-could fold it (its rules, repeated here and tested against it), the scale only into the kernel and
-the shift into a `ChannelAffine` offset in front where zero padding is on the way, and a
+could fold it (the rules of `tf_proxynorm.absorb`, shared with it), the scale only into
+the kernel and the shift into a `ChannelAffine` offset in front where zero padding is on the way, and a
 `ChannelAffine` inverse `s * z + m` where no linear layer takes it.
 """
 
 import keras
 import numpy as np
 
-from tf_proxynorm import _graph
+from tf_proxynorm import _graph, absorb
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
 from tf_proxynorm.ops.stats import channel_axis
 
@@ -50,98 +50,6 @@ class Pair:
         self.targets = []      # [(old layer, new layer, bias exact)]
         self.shift = None      # ChannelAffine offset in front of zero-padded targets
         self.inverse = None    # ChannelAffine s * z + m where nothing absorbs PN's affine
-
-
-# -- where PN's output affine can go: the rules of fold.py's `_Folder` -------------------------
-# `fold_for_inference` folds PN's affine into these layers and only these; calibration undoes
-# it at the same places. The rules are repeated here (the package keeps modules' private
-# names private); tests/test_convert_calibrate.py checks that both find the same layers.
-_L = keras.layers
-_TRANSPARENT = {
-    **{cls: "both" for cls in (
-        _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
-        _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.Identity,
-        _L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D, _L.GlobalAveragePooling3D,
-        _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D, _L.GlobalMaxPooling3D,
-        _L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D,
-        _L.MaxPooling1D, _L.MaxPooling2D, _L.MaxPooling3D,
-        _L.Cropping1D, _L.Cropping2D, _L.Cropping3D)},
-    **{cls: "scale" for cls in (_L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D)},
-}
-_CONVS = (_L.Conv1D, _L.Conv2D, _L.Conv3D)
-_DEPTHWISE = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
-
-
-def _format_agrees(layer, rank, axis):
-    data_format = getattr(layer, "data_format", None)
-    return data_format is None or axis == (rank - 1 if data_format == "channels_last" else 1)
-
-
-def _can_absorb(layer, rank, axis):
-    if getattr(layer, "lora_enabled", False) or getattr(layer.dtype_policy,
-                                                        "quantization_mode", None):
-        return False
-    if type(layer) in _CONVS:
-        return layer.groups == 1 and _format_agrees(layer, rank, axis)
-    if type(layer) in _DEPTHWISE:
-        return _format_agrees(layer, rank, axis)
-    return type(layer) is _L.Dense and axis == rank - 1
-
-
-def _bias_is_exact(layer):
-    return type(layer) is _L.Dense or layer.padding == "valid" or all(
-        k == 1 for k in layer.kernel_size)
-
-
-def absorbing_branches(graph, tensor, rank, axis):
-    """Per consumer of `tensor` in `graph`: `(consumer node, absorbing nodes, bias exact)`;
-    None when some path does not end in a layer that can absorb a per-channel affine."""
-    consumers = graph.consumers_of(tensor)
-    if not consumers:
-        return None
-    branches = []
-    for node in consumers:
-        leaves = _leaves(graph, node, rank, axis)
-        if leaves is None:
-            return None
-        branches.append((node, [t for t, _ in leaves], all(e for _, e in leaves)))
-    return branches
-
-
-def _leaves(graph, node, rank, axis):
-    layer = node.operation
-    if len(node.input_tensors) != 1 or node.arguments.kwargs.get("training"):
-        return None
-    if _can_absorb(layer, rank, axis):
-        return [(node, _bias_is_exact(layer))] if graph.num_calls(layer) == 1 else None
-    kind = _TRANSPARENT.get(type(layer))
-    if kind is None or not _format_agrees(layer, rank, axis):
-        return None
-    out_rank = len(node.outputs[0].shape)
-    out_axis = axis if out_rank == rank else out_rank - 1
-    consumers = graph.consumers_of(node.outputs[0])
-    if not consumers:
-        return None
-    leaves = []
-    for consumer in consumers:
-        sub = _leaves(graph, consumer, out_rank, out_axis)
-        if sub is None:
-            return None
-        leaves += [(target, exact and kind == "both") for target, exact in sub]
-    return leaves
-
-
-def _fold_weights(layer, scale, shift):
-    """Kernel and bias of `layer` applied to `scale * x + shift` (shift may be None)."""
-    kernel = _numpy(layer.kernel)
-    depthwise = type(layer) in _DEPTHWISE
-    bias = (_numpy(layer.bias) if layer.use_bias
-            else np.zeros(kernel.shape[-1] * (kernel.shape[-2] if depthwise else 1)))
-    if shift is not None:
-        flat = kernel.reshape((-1,) + kernel.shape[-2:])
-        bias = bias + (np.einsum("kcm,c->cm", flat, shift).reshape(-1) if depthwise
-                       else np.einsum("kco,c->o", flat, shift))
-    return kernel * scale[:, None], bias
 
 
 # -- calibration data -----------------------------------------------------------------------
@@ -339,7 +247,7 @@ def _undo_proxy_affine(pair):
     mean, inv_std = (_numpy(t) for t in pair.new.proxy_statistics())
     std = 1.0 / inv_std
     for old, new, exact in pair.targets:
-        kernel, bias = _fold_weights(old, std, mean if exact else None)
+        kernel, bias = absorb.fold_weights(old, std, mean if exact else None)
         _assign(new.kernel, kernel)
         if new.use_bias:
             _assign(new.bias, bias)

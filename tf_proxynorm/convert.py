@@ -12,6 +12,7 @@ import collections
 import keras
 
 from tf_proxynorm import _graph
+from tf_proxynorm.absorb import absorbing_branches
 from tf_proxynorm.layers.factory import resolve_norm_act
 from tf_proxynorm.layers.norm_act import BatchNormAct, GroupNormAct
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
@@ -214,7 +215,7 @@ class _Converter:
     def _plan_calibration(self, node, follower, bn, new, outputs, rewriter):
         """Records the BN/new pair; for a PN layer, builds the graph that lets calibration
         undo PN's output affine `z = (act - m) / s` where the BN model had `act`."""
-        from tf_proxynorm.calibrate import Pair, absorbing_branches
+        from tf_proxynorm.calibrate import Pair
         from tf_proxynorm.layers.channel_affine import ChannelAffine
         from tf_proxynorm.ops.stats import channel_axis
 

@@ -9,7 +9,7 @@ moves `a` and `b` into the next linear layer's kernel and bias.
 import keras
 import numpy as np
 
-from tf_proxynorm import _graph
+from tf_proxynorm import _graph, absorb
 from tf_proxynorm.convert import ConversionStep
 from tf_proxynorm.layers.channel_affine import ChannelAffine
 from tf_proxynorm.layers.inference_norm import HOMOGENEOUS, InferenceGroupNormAct
@@ -22,74 +22,9 @@ from tf_proxynorm.ops.stats import channel_axis
 _GROUP_NORM_LAYERS = (GroupNormAct, ShiftedGroupNormAct)
 
 
-# Layers between PN-Act and the layer that absorbs its affine. "both": commutes with a
-# positive per-channel scale and a per-channel shift (inference identities, poolings,
-# crops); "scale": commutes with the scale only (zero padding: the border sees 0, not b).
-_L = keras.layers
-_TRANSPARENT = {
-    **{cls: "both" for cls in (
-        _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
-        _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.Identity,
-        _L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D, _L.GlobalAveragePooling3D,
-        _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D, _L.GlobalMaxPooling3D,
-        _L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D,
-        _L.MaxPooling1D, _L.MaxPooling2D, _L.MaxPooling3D,
-        _L.Cropping1D, _L.Cropping2D, _L.Cropping3D)},
-    **{cls: "scale" for cls in (_L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D)},
-}
-# Exact types only: a subclass (e.g. a weight-standardized conv) may transform its kernel.
-_CONVS = (_L.Conv1D, _L.Conv2D, _L.Conv3D)
-_DEPTHWISE = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
-
-
-def _format_agrees(layer, rank, axis):
-    data_format = getattr(layer, "data_format", None)
-    if data_format is None:
-        return True
-    return axis == (rank - 1 if data_format == "channels_last" else 1)
-
-
-def _can_absorb(layer, rank, axis):
-    """Whether `layer` can take a per-input-channel affine on `axis` into its weights."""
-    if getattr(layer, "lora_enabled", False) or getattr(layer.dtype_policy,
-                                                        "quantization_mode", None):
-        return False
-    if type(layer) in _CONVS:
-        return layer.groups == 1 and _format_agrees(layer, rank, axis)
-    if type(layer) in _DEPTHWISE:
-        return _format_agrees(layer, rank, axis)
-    return type(layer) is _L.Dense and axis == rank - 1
-
-
-def _bias_is_exact(layer):
-    """Folding the shift into the bias is exact unless the layer zero-pads its input."""
-    if type(layer) is _L.Dense:
-        return True
-    return layer.padding == "valid" or all(k == 1 for k in layer.kernel_size)
-
-
 def _float64(value):
     """A variable or tensor of any backend as a float64 NumPy array."""
     return np.asarray(keras.ops.convert_to_numpy(value), dtype=np.float64)
-
-
-def _fold_weights(layer, scale, shift):
-    """Kernel and bias of `layer` applied to `scale * x + shift` (shift may be None)."""
-    kernel = _float64(layer.kernel)
-    bias = (_float64(layer.bias) if layer.use_bias
-            else np.zeros(kernel.shape[-1] * (kernel.shape[-2] if type(layer) in _DEPTHWISE
-                                              else 1)))
-    scale = scale.astype(np.float64)
-    if type(layer) in _DEPTHWISE:            # kernel (*k, C, multiplier), bias (C * mult,)
-        if shift is not None:
-            flat = kernel.reshape((-1,) + kernel.shape[-2:])
-            bias = bias + np.einsum("kcm,c->cm", flat, shift).reshape(-1)
-        kernel = kernel * scale[:, None]
-    else:                                    # kernel (*k, C_in, C_out), bias (C_out,)
-        if shift is not None:
-            bias = bias + np.einsum("kco,c->o", kernel.reshape((-1,) + kernel.shape[-2:]), shift)
-        kernel = kernel * scale[:, None]
-    return kernel, bias
 
 
 class _Folder:
@@ -169,7 +104,7 @@ class _Folder:
             return _inference_form(layer, scale, shift)(args[0])
         rank = len(node.input_tensors[0].shape)
         axis = channel_axis(rank, layer.axis)
-        branches = self._branches(node.outputs[0], rank, axis)
+        branches = absorb.absorbing_branches(self.graph, node.outputs[0], rank, axis)
         if (branches is not None and not any(exact for _, _, exact in branches)
                 and isinstance(layer, GroupNormAct)):
             # Every consumer needs the shift: it goes into the norm's own kernel.
@@ -202,42 +137,6 @@ class _Folder:
                            f"proxy step removed, affine folded: {how}")
         return z
 
-    def _branches(self, tensor, rank, axis):
-        """Per consumer of `tensor`: (consumer, absorbing nodes, bias exact), or None."""
-        consumers = self.graph.consumers_of(tensor)
-        if not consumers:
-            return None
-        branches = []
-        for node in consumers:
-            leaves = self._leaves(node, rank, axis)
-            if leaves is None:
-                return None
-            branches.append((node, [t for t, _ in leaves], all(e for _, e in leaves)))
-        return branches
-
-    def _leaves(self, node, rank, axis):
-        """(absorbing node, bias exact) at the end of every path from `node`, or None."""
-        layer = node.operation
-        if len(node.input_tensors) != 1 or node.arguments.kwargs.get("training"):
-            return None
-        if _can_absorb(layer, rank, axis):
-            return [(node, _bias_is_exact(layer))] if self.graph.num_calls(layer) == 1 else None
-        kind = _TRANSPARENT.get(type(layer))
-        if kind is None or not _format_agrees(layer, rank, axis):
-            return None
-        out_rank = len(node.outputs[0].shape)
-        out_axis = axis if out_rank == rank else out_rank - 1
-        consumers = self.graph.consumers_of(node.outputs[0])
-        if not consumers:
-            return None
-        leaves = []
-        for consumer in consumers:
-            sub = self._leaves(consumer, out_rank, out_axis)
-            if sub is None:
-                return None
-            leaves += [(target, exact and kind == "both") for target, exact in sub]
-        return leaves
-
     # -- the absorbing layer ---------------------------------------------------------------
     def _absorb(self, node, args, kwargs, rewriter):
         layer = node.operation
@@ -246,7 +145,7 @@ class _Folder:
         use_bias = layer.use_bias or shift is not None
         new = type(layer).from_config({**layer.get_config(), "use_bias": use_bias})
         outputs = new(*args, **kwargs)
-        kernel, bias = _fold_weights(layer, scale, shift)
+        kernel, bias = absorb.fold_weights(layer, scale, shift)
         new.kernel.assign(kernel.astype(new.kernel.dtype))
         if use_bias:
             new.bias.assign(bias.astype(new.bias.dtype))
