@@ -1,5 +1,5 @@
-"""The XLA-designed reference path (`tf_proxynorm.ops.group_norm`, behind
-`group_norm_act_reference` and every `implementation="auto"` call under `jit_compile=True`)
+"""The XLA-designed reference path (`tf_proxynorm.ops.group_norm.group_norm_act_reference`,
+behind every `implementation="auto"` call under `jit_compile=True`)
 against float64 references: tests/reference.py, tests/reference_fused.py (the contract's
 forward/backward formulas and `layer_tf64`, float64 TF autodiff written from the spec).
 
@@ -24,7 +24,7 @@ import reference_fused as RF
 import tf_proxynorm as tfpn
 from test_fused_op import (CASES, TOL, _case_id, assert_close, case_layer_and_inputs,
                            reference_layer_gradients)
-from tf_proxynorm.ops.norm_act import group_norm_act_reference
+from tf_proxynorm.ops.group_norm import group_norm_act_reference
 
 PARAMS = ("gamma", "beta", "proxy_beta", "proxy_gamma")
 

@@ -12,7 +12,8 @@ normalization layers with the functions registered here.
 import keras
 from keras import ops
 
-from tf_proxynorm.ops.norm_act import batch_norm_act, group_norm_act_reference
+from tf_proxynorm.ops.group_norm import group_norm_act_reference
+from tf_proxynorm.ops.norm_act import batch_norm_act
 from tf_proxynorm.ops.stats import moments, stats_dtype
 
 # (layer class, function(layer, inputs, training) -> y, function(layer) -> channel axis).

@@ -10,6 +10,7 @@ from tf_proxynorm.layers.moving_statistics import MovingStatistics
 from tf_proxynorm.layers.proxy_norm_act import ProxyNormMixin
 from tf_proxynorm.ops import masked
 from tf_proxynorm.ops import norm_act as norm_act_ops
+from tf_proxynorm.ops.group_norm import group_norm_act_reference
 
 _register = keras.saving.register_keras_serializable(package="tf_proxynorm")
 
@@ -80,7 +81,7 @@ class _GroupNormAct(NormActBase):
         if mask is not None:
             return masked.masked_group_normalize(inputs, mask, groups=self._groups,
                                                  axis=self.axis, epsilon=self.epsilon)
-        return norm_act_ops.group_norm_act_reference(
+        return group_norm_act_reference(
             inputs, groups=self._groups, axis=self.axis, epsilon=self.epsilon, activation=None)
 
     def _normalize_act(self, inputs, training, mask=None):

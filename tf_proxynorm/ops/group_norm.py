@@ -1,9 +1,10 @@
 """GroupNorm -> affine -> activation (-> proxy step), written for XLA, with a hand-derived
 backward.
 
-This is the reference path of `tf_proxynorm.ops.group_norm_act`: the numerical target of
-the fused op, and what runs under `jit_compile=True`, where the custom op cannot. It is
-written so that XLA compiles it into few passes over `x`:
+`group_norm_act_reference` is the reference path of `tf_proxynorm.ops.group_norm_act` (the
+dispatcher in `tf_proxynorm.ops.norm_act`): the numerical target of the fused op, and what
+runs under `jit_compile=True`, where the custom op cannot. It is written so that XLA
+compiles it into few passes over `x`:
 
 - forward: per-(example, channel) sums over the positions of `d = x - shift` and of
   `(d - mean(d))^2` (two reads of `x`); the group statistics on `(N, C)`-sized tensors;
@@ -46,6 +47,7 @@ from keras import ops
 
 from tf_proxynorm.ops import activations
 from tf_proxynorm.ops.activations import LEAKY_RELU_SLOPE
+from tf_proxynorm.ops.stats import channel_axis, stats_dtype
 
 _INV_SQRT_2PI = 0.3989422804014327
 
@@ -85,13 +87,12 @@ _ACTIVATIONS = {
 _HOMOGENEOUS = (None, _relu_grad, _leaky_relu_grad)
 
 
-def _stats_dtype(dtype):
-    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
-
-
-def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
-                   activation="relu", proxy_mean=None, proxy_inv_std=None):
+def group_norm_act_reference(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
+                             activation="relu", proxy_mean=None, proxy_inv_std=None):
     """GroupNorm (per example) -> per-channel affine -> activation -> optional proxy step.
+
+    The XLA-compilable reference path in `keras.ops` and the fused op's numerical target
+    (`tf_proxynorm.ops.group_norm_act` chooses between the two).
 
     ```python
     mean, var = moments of x over (positions, channels of the group)   # per example, group
@@ -115,6 +116,7 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
     (`mean_g`: over the positions and channels of the example's group). The gradient is
     itself differentiable (second order, e.g. gradient penalties). Other activations
     (any callable) use the same forward expression with automatic differentiation.
+    The second derivative of the fused op differentiates this function.
 
     Args:
         x: tensor of rank >= 2 with a static number of channels on `axis`.
@@ -128,8 +130,7 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
     Returns:
         A float32 tensor (float64 for float64 input) of the shape of `x`.
     """
-    rank = len(x.shape)
-    axis = axis % rank
+    axis = channel_axis(len(x.shape), axis)
     channels = x.shape[axis]
     if channels is None:
         raise ValueError(f"The channel axis {axis} must be static. Received: x.shape={x.shape}")
@@ -148,7 +149,7 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
     else:
         _, act = activations.get(activation)
         act_grad = False  # autodiff
-    dtype = _stats_dtype(x.dtype)
+    dtype = stats_dtype(x.dtype)
     present = {k: ops.cast(v, dtype) for k, v in (
         ("gamma", gamma), ("beta", beta), ("proxy_mean", proxy_mean),
         ("proxy_inv_std", proxy_inv_std)) if v is not None}

@@ -3,14 +3,14 @@
 This is the middle tier: layers own the weights and call these functions; the functions
 hold the math. `group_norm_act` is the one place that chooses between the fused kernel
 (through `tf_proxynorm.fused`, the only code aware of the compiled library) and the
-XLA-compilable reference path written here.
+XLA-compilable reference path (`tf_proxynorm.ops.group_norm.group_norm_act_reference`).
 """
 
-import tensorflow as tf
 from keras import ops
 
 from tf_proxynorm import config, fused
-from tf_proxynorm.ops import activations, group_norm, masked
+from tf_proxynorm.ops import activations, masked
+from tf_proxynorm.ops.group_norm import group_norm_act_reference
 from tf_proxynorm.ops.stats import channel_axis, moments, stats_dtype
 
 
@@ -39,26 +39,6 @@ def affine_act_proxy(y, gamma=None, beta=None, *, axis=-1, activation="relu",
         y = (y - _per_channel(proxy_mean, rank, axis, y.dtype)) * _per_channel(
             proxy_inv_std, rank, axis, y.dtype)
     return y
-
-
-def group_norm_act_reference(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
-                             activation="relu", proxy_mean=None, proxy_inv_std=None):
-    """The XLA-compilable `group_norm_act` in `keras.ops`; the fused op's numerical target.
-
-    ```python
-    y = act((x - mean) * (gamma * rsqrt(var + epsilon)) + beta)   # per (example, group)
-    if proxy_mean is not None: y = (y - proxy_mean) * proxy_inv_std
-    ```
-
-    Written for XLA (see `tf_proxynorm.ops.group_norm`): shifted per-(example, channel)
-    sums for the statistics, one elementwise pass for `y`, and a hand-derived,
-    twice-differentiable backward (two sums and one elementwise pass over `x` and `dy`).
-    The second derivative of the fused op differentiates this function.
-    """
-    axis = channel_axis(len(x.shape), axis)
-    return group_norm.group_norm_act(
-        x, gamma, beta, groups=groups, axis=axis, epsilon=epsilon, activation=activation,
-        proxy_mean=proxy_mean, proxy_inv_std=proxy_inv_std)
 
 
 def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
@@ -158,28 +138,3 @@ def batch_norm_act(x, mean, var, gamma=None, beta=None, *, axis=-1, epsilon=1e-3
         ops.rsqrt(ops.cast(var, dtype) + epsilon), rank, axis, dtype)
     return affine_act_proxy(y, gamma, beta, axis=axis, activation=activation)
 
-
-@tf.RegisterGradient(fused.GRAD_OP_NAME)
-def _fused_second_order(op, *upstream):
-    """Second derivative of the fused op (e.g. gradient penalties): the gradient of the
-    backward op is that of the reference path's first gradient, recomputed here in
-    TensorFlow ops. `mean` / `inv_std` get no gradient: the reference recomputes them from
-    x, so their dependence on x is included."""
-    attrs = fused.op_attrs(op)
-    dy, x, gamma, beta, proxy_mean, proxy_inv_std = op.inputs[:6]
-    inputs = [dy, x, gamma, beta, proxy_mean, proxy_inv_std]
-    use_proxy = attrs["use_proxy"]
-    with tf.GradientTape() as outer:
-        outer.watch(inputs)
-        with tf.GradientTape() as inner:
-            inner.watch(inputs[1:])
-            y = group_norm_act_reference(
-                x, gamma, beta, groups=attrs["groups"], axis=-1 if attrs["channels_last"] else 1,
-                epsilon=attrs["epsilon"], activation=attrs["activation"],
-                proxy_mean=proxy_mean if use_proxy else None,
-                proxy_inv_std=proxy_inv_std if use_proxy else None)
-        first = inner.gradient(y, inputs[1:], output_gradients=tf.cast(dy, y.dtype),
-                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        total = tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32) * tf.cast(u, tf.float32))
-                          for g, u in zip(first, upstream) if u is not None] or [tf.constant(0.0)])
-    return outer.gradient(total, inputs) + [None, None]
