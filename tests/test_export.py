@@ -89,7 +89,7 @@ def _fused_saved_model(path):
 
     @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, 8])])
     def forward(x):
-        return fused.group_norm_act(x, tf.ones(8), tf.zeros(8), None, None, groups=2,
+        return fused.fused_group_norm_act(x, tf.ones(8), tf.zeros(8), None, None, groups=2,
                                          axis=-1, epsilon=1e-3, activation="relu")
 
     module = tf.Module()

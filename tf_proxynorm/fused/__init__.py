@@ -21,5 +21,5 @@ from tf_proxynorm.fused.abi import (GRAD_OP_NAME, KERNEL_ACTIVATIONS, KERNEL_DTY
 from tf_proxynorm.fused.errors import BuildError
 from tf_proxynorm.fused.loader import (attempt_load, describe, fused_op_available,
                                        library_path, load_attempted, unavailable_reason)
-from tf_proxynorm.fused.ops import (can_use_fused, group_norm_act, in_save_context,
+from tf_proxynorm.fused.ops import (can_use_fused, fused_group_norm_act, in_save_context,
                                     in_xla_context, op_attrs, raw_ops, why_not_fused)

@@ -1,17 +1,14 @@
 """The fused op as TensorFlow sees it: the wrapper, its gradient, and "can it run here?".
 
-`group_norm_act` calls the forward kernel; the registered gradient calls the backward
+`fused_group_norm_act` calls the forward kernel; the registered gradient calls the backward
 kernel. The second derivative (the gradient of the backward op) is the reference path's; it
-is registered by `tf_proxynorm.ops.norm_act`, which knows both paths.
+is registered by `tf_proxynorm.ops._fused_second_order`, which knows both paths.
 """
 
 import keras
 import tensorflow as tf
 
 from tf_proxynorm.fused import abi, loader
-
-OP_NAME = abi.OP_NAME
-GRAD_OP_NAME = abi.GRAD_OP_NAME
 
 
 def in_xla_context():
@@ -97,7 +94,7 @@ def why_not_fused(x, activation_name, axis=-1):
 
 
 def can_use_fused(x, activation_name, axis=-1):
-    """Whether `group_norm_act` below can compute this call (see `why_not_fused`)."""
+    """Whether `fused_group_norm_act` below can compute this call (see `why_not_fused`)."""
     return why_not_fused(x, activation_name, axis) is None
 
 
@@ -109,8 +106,8 @@ def _attrs(x, groups, axis, epsilon, activation, use_proxy):
                 channels_last=(axis % rank) == rank - 1, use_proxy=bool(use_proxy))
 
 
-def group_norm_act(x, gamma, beta, proxy_mean, proxy_inv_std, *, groups, axis, epsilon,
-                   activation):
+def fused_group_norm_act(x, gamma, beta, proxy_mean, proxy_inv_std, *, groups, axis, epsilon,
+                         activation):
     """The fused GroupNorm -> affine -> activation [-> proxy norm] (contract in
     docs/fused_op_contract.md). Call only when `can_use_fused` holds. Returns y in x.dtype.
 
@@ -147,7 +144,7 @@ def op_attrs(op):
     return attrs
 
 
-@tf.RegisterGradient(OP_NAME)
+@tf.RegisterGradient(abi.OP_NAME)
 def _group_norm_act_grad(op, dy, unused_dmean, unused_dinv_std):
     """Gradient through y only: `mean` and `inv_std` are side outputs for this function."""
     x = op.inputs[0]

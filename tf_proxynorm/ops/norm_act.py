@@ -87,7 +87,7 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
         name = activations.canonical_name(activation)
         if fused.can_use_fused(x, name, axis):
             ones = lambda v, fill: v if v is not None else ops.full([x.shape[axis]], fill)  # noqa: E731
-            return fused.group_norm_act(
+            return fused.fused_group_norm_act(
                 x, ones(gamma, 1.0), ones(beta, 0.0), proxy_mean, proxy_inv_std,
                 groups=groups, axis=axis, epsilon=epsilon, activation=name)
         if implementation == "fused":
