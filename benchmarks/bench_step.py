@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_proxynorm as tfpn  # noqa: E402
-from tf_proxynorm.layers.evonorm import evonorm_groups  # noqa: E402
+from tf_proxynorm.ops.stats import largest_divisor_at_most  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 
@@ -57,7 +57,7 @@ class KerasGroupNormAct(keras.layers.Layer):
 
     def build(self, input_shape):
         channels = input_shape[self.axis]
-        groups = self.groups or evonorm_groups(channels)
+        groups = self.groups or largest_divisor_at_most(channels, 32)
         self.norm = keras.layers.GroupNormalization(groups=groups, axis=self.axis,
                                                     epsilon=1e-3)
         self.norm.build(input_shape)

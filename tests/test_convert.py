@@ -6,7 +6,7 @@ import pytest
 
 import reference as R
 import tf_proxynorm as tfpn
-from tf_proxynorm.convert import largest_divisor_at_most
+from tf_proxynorm.ops.stats import largest_divisor_at_most
 
 CONVERTED = (tfpn.GroupNormAct, tfpn.LayerNormAct, tfpn.InstanceNormAct)
 
@@ -148,6 +148,9 @@ def test_group_count_rule():
     assert [largest_divisor_at_most(c, 32) for c in (16, 24, 96, 144, 32, 40, 80, 112, 1152)] == [
         16, 24, 32, 24, 32, 20, 20, 28, 32]
     assert largest_divisor_at_most(7, 4) == 1
+    assert largest_divisor_at_most(0, 32) == 32   # EvoNormS0 on 0 channels keeps its groups
+    with pytest.raises(ValueError, match="groups"):
+        largest_divisor_at_most(8, 0)
 
 
 class _Subclassed(keras.Model):

@@ -17,6 +17,7 @@ from tf_proxynorm.layers.factory import resolve_norm_act
 from tf_proxynorm.layers.norm_act import BatchNormAct, GroupNormAct
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
 from tf_proxynorm.ops import activations
+from tf_proxynorm.ops.stats import largest_divisor_at_most
 
 ConversionStep = collections.namedtuple("ConversionStep", ["old", "new", "action", "error"],
                                         defaults=(None,))
@@ -63,11 +64,6 @@ def _following_activation(layer):
 
 _ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
                       keras.layers.ELU, keras.layers.PReLU, keras.layers.Softmax)
-
-
-def largest_divisor_at_most(channels, groups):
-    """The largest divisor of `channels` that is <= `groups` (the group-count rule)."""
-    return max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
 
 
 def _is_identity(activation):

@@ -18,17 +18,12 @@ from tf_proxynorm.layers.moving_statistics import MovingStatistics
 from tf_proxynorm.ops import activations
 from tf_proxynorm.ops import norm_act as norm_act_ops
 from tf_proxynorm.ops.masked import expand_mask
-from tf_proxynorm.ops.stats import group_moments, moments, stats_dtype
+from tf_proxynorm.ops.stats import group_moments, largest_divisor_at_most, moments, stats_dtype
 
 _register = keras.saving.register_keras_serializable(package="tf_proxynorm")
 
 EVONORM_EPSILON = 1e-5
 DEFAULT_GROUPS = 32
-
-
-def evonorm_groups(channels, groups=DEFAULT_GROUPS):
-    """The official rule: lower `groups` until it divides `channels` (32 -> 24 for C=48)."""
-    return next(g for g in range(groups, 0, -1) if channels % g == 0)
 
 
 def _is_nonlinear(activation):
@@ -163,7 +158,7 @@ class EvoNormS0(_EvoNorm):
                     f"input_shape={tuple(input_shape)}")
             self._groups = channels // self.group_size
         else:
-            self._groups = evonorm_groups(channels, self.groups or DEFAULT_GROUPS)
+            self._groups = largest_divisor_at_most(channels, self.groups or DEFAULT_GROUPS)
         super().build(input_shape)
 
     def _evonorm(self, x, training, update, mask=None):

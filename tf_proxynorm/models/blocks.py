@@ -24,10 +24,13 @@ import inspect
 import keras
 
 from tf_proxynorm.layers import conv_norm_layers, factory
-from tf_proxynorm.layers.evonorm import evonorm_groups
 from tf_proxynorm.layers.norm_act import LayerNormAct, InstanceNormAct
+from tf_proxynorm.ops.stats import largest_divisor_at_most
 
 _WS_SUFFIX = "+ws"
+# Groups of a GroupNorm-like norm without `groups` in `norm_kwargs`, before the group-count
+# rule lowers them to a divisor of the channels.
+_GROUPS = 32
 
 
 def _norm_defaults(norm, norm_kwargs):
@@ -107,7 +110,7 @@ class LayerMaker:
 
     def _norm(self, channels, **overrides):
         if self._auto_groups:
-            overrides["groups"] = evonorm_groups(channels)
+            overrides["groups"] = largest_divisor_at_most(channels, _GROUPS)
         return self._make_norm(**overrides)
 
     def _before_add_norm(self, channels, name):

@@ -90,6 +90,17 @@ def channel_axis(rank, axis):
     return axis % rank
 
 
+def largest_divisor_at_most(channels, groups):
+    """The group-count rule: `groups` lowered until it divides `channels`.
+
+    EvoNorm-S0's official rule (32 groups -> 24 for 48 channels), also used for GroupNorm
+    by the model builders and `convert_model`. Returns `groups` for 0 channels.
+    """
+    if groups < 1:
+        raise ValueError(f"`groups` must be a positive int. Received: groups={groups}")
+    return next(g for g in range(groups, 0, -1) if channels % g == 0)
+
+
 def group_view(x, axis, groups):
     """Views `x` so that each (example, channel group) can be reduced.
 
