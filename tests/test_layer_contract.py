@@ -109,7 +109,7 @@ def test_factory_names_build_norm_and_relu():
 def test_normalization_classes_default_to_no_activation(cls):
     """Keras' naming: a `...Normalization` layer applies no activation unless asked."""
     activation = cls().get_config()["activation"]
-    assert tfpn.ops.activations.canonical_name(activation) == "identity"
+    assert tfpn.ops.activations.fused_name(activation) == "identity"
 
 
 L = tfpn.layers

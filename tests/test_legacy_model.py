@@ -43,7 +43,7 @@ def test_legacy_model_loads_with_the_same_layers():
     # The files spelled the activation of the `...Normalization` layers out: they keep
     # ReLU although the classes now default to none.
     for name in ("cbn_conv", "iebn", "bgn"):
-        assert tfpn.ops.activations.canonical_name(
+        assert tfpn.ops.activations.fused_name(
             model.get_layer(name).get_config()["activation"]) == "relu", name
 
 

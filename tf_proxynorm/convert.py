@@ -56,8 +56,8 @@ def _following_activation(layer):
         return _relu_layer_activation(layer)
     if type(layer) is keras.layers.Activation:
         name = layer.get_config()["activation"]
-        if isinstance(name, str) and activations.canonical_name(name) is not None:
-            return activations.canonical_name(name)
+        if isinstance(name, str) and activations.fused_name(name) is not None:
+            return activations.fused_name(name)
         return layer.activation
     return None
 
@@ -67,7 +67,7 @@ _ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.L
 
 
 def _is_identity(activation):
-    return activations.canonical_name(activation) == "identity"
+    return activations.fused_name(activation) == "identity"
 
 
 class _Converter:

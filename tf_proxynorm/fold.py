@@ -205,7 +205,7 @@ def _inference_form(layer, scale=None, offset=None):
     if isinstance(layer, ShiftedGroupNormAct):
         own = _float64(layer.offset)
         offset = own if offset is None else offset + (own if scale is None else scale * own)
-    name = activations.canonical_name(layer.activation)
+    name = activations.fused_name(layer.activation)
     if scale is not None and name in HOMOGENEOUS and np.all(scale > 0):
         gamma, beta, scale = gamma * scale, beta * scale, None
     new = InferenceGroupNormAct(

@@ -49,8 +49,9 @@ _KNOWN_CALLABLES = {
 }
 
 
-def canonical_name(activation):
-    """Returns the canonical name of a fused activation, or None when it has none.
+def fused_name(activation):
+    """Returns the name of the fused activation that `activation` computes ("silu" for
+    "swish", "identity" for None), or None when no fused kernel computes it.
 
     Accepts names ("relu", "swish", "linear", None, ...) and the Keras activation
     functions that correspond to them (`keras.activations.relu`, ...).
@@ -66,12 +67,12 @@ def canonical_name(activation):
 
 
 def get(activation):
-    """Returns `(canonical_name_or_None, function)` for an activation argument.
+    """Returns `(fused_name_or_None, function)` for an activation argument.
 
     Raises:
         ValueError: for a name that neither this package nor Keras knows.
     """
-    name = canonical_name(activation)
+    name = fused_name(activation)
     if name is not None:
         return name, _FUNCTIONS[name]
     if callable(activation):
@@ -87,7 +88,7 @@ def get(activation):
 
 def serialize(activation):
     """A JSON-friendly form of an activation argument for `get_config`."""
-    name = canonical_name(activation)
+    name = fused_name(activation)
     if name is not None:
         return "linear" if name == "identity" else name
     if isinstance(activation, str):

@@ -139,7 +139,7 @@ def group_norm_act_reference(x, gamma=None, beta=None, *, groups, axis=-1, epsil
                          f"Received: groups={groups}")
     if (proxy_mean is None) != (proxy_inv_std is None):
         raise ValueError("Pass both `proxy_mean` and `proxy_inv_std`, or neither.")
-    name = activations.canonical_name(activation)
+    name = activations.fused_name(activation)
     if name is not None and keras.backend.backend() != "torch":
         act, act_grad = _ACTIVATIONS[name]
     elif name is not None:

@@ -84,7 +84,7 @@ def group_norm_act(x, gamma=None, beta=None, *, groups, axis=-1, epsilon=1e-3,
             x, mask, gamma, beta, groups=groups, axis=axis, epsilon=epsilon,
             activation=activation, proxy_mean=proxy_mean, proxy_inv_std=proxy_inv_std)
     if implementation != "reference":
-        name = activations.canonical_name(activation)
+        name = activations.fused_name(activation)
         if fused.can_use_fused(x, name, axis):
             ones = lambda v, fill: v if v is not None else ops.full([x.shape[axis]], fill)  # noqa: E731
             return fused.fused_group_norm_act(
