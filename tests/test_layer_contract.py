@@ -103,6 +103,20 @@ def test_factory_names_build_norm_and_relu():
         assert config["activation"] == expected, name
 
 
+def test_register_norm_act_takes_a_class_or_a_module_path(monkeypatch):
+    """Built-in names map to classes; a user's name may also be a "module:Class" path."""
+    factory = tfpn.layers.factory
+    monkeypatch.setattr(factory, "_REGISTRY", dict(factory._REGISTRY))
+    assert factory.lookup("GN+PN") == (tfpn.GroupNormAct, {"proxy_norm": True})
+    tfpn.register_norm_act("My-GN", tfpn.GroupNormAct, groups=2)
+    tfpn.register_norm_act("my_ln", "tf_proxynorm.layers.norm_act:LayerNormAct",
+                           activation="silu")
+    assert {"my_gn", "my_ln"} <= set(tfpn.available_norm_acts())
+    gn, ln = tfpn.get_norm_act_layer("my_gn"), tfpn.get_norm_act_layer("MY-LN")
+    assert type(gn) is tfpn.GroupNormAct and gn.groups == 2
+    assert type(ln) is tfpn.LayerNormAct and ln.get_config()["activation"] == "silu"
+
+
 @pytest.mark.parametrize("cls", [tfpn.InstanceEnhancementBatchNormalization,
                                  tfpn.BatchGroupNormalization,
                                  tfpn.CrossIterationBatchNormalization])

@@ -10,27 +10,33 @@ norm followed by ReLU unless told otherwise (`activation=...`): classes named `.
 import importlib
 import inspect
 
-# name -> ("module:Class", default keyword arguments). Modules are imported on first use.
+from tf_proxynorm.layers.batch_group_norm import BatchGroupNormalization
+from tf_proxynorm.layers.cross_iteration_bn import CrossIterationBatchNormalization
+from tf_proxynorm.layers.evonorm import EvoNormB0, EvoNormS0
+from tf_proxynorm.layers.iebn import InstanceEnhancementBatchNormalization
+from tf_proxynorm.layers.norm_act import (BatchNormAct, GroupNormAct, InstanceNormAct,
+                                          LayerNormAct)
+from tf_proxynorm.layers.proxy_norm_act import ProxyNormAct
+
+# name -> (layer class, default keyword arguments). `register_norm_act` may also add a
+# "module:Class" path, imported on first use.
 _REGISTRY = {
-    "bn": ("tf_proxynorm.layers.norm_act:BatchNormAct", {}),
-    "ln": ("tf_proxynorm.layers.norm_act:LayerNormAct", {}),
-    "gn": ("tf_proxynorm.layers.norm_act:GroupNormAct", {}),
-    "in": ("tf_proxynorm.layers.norm_act:InstanceNormAct", {}),
-    "ln+pn": ("tf_proxynorm.layers.norm_act:LayerNormAct", {"proxy_norm": True}),
-    "gn+pn": ("tf_proxynorm.layers.norm_act:GroupNormAct", {"proxy_norm": True}),
-    "in+pn": ("tf_proxynorm.layers.norm_act:InstanceNormAct", {"proxy_norm": True}),
-    "pn": ("tf_proxynorm.layers.proxy_norm_act:ProxyNormAct", {}),
-    "evonorm_b0": ("tf_proxynorm.layers.evonorm:EvoNormB0", {}),
-    "evonorm_s0": ("tf_proxynorm.layers.evonorm:EvoNormS0", {}),
+    "bn": (BatchNormAct, {}),
+    "ln": (LayerNormAct, {}),
+    "gn": (GroupNormAct, {}),
+    "in": (InstanceNormAct, {}),
+    "ln+pn": (LayerNormAct, {"proxy_norm": True}),
+    "gn+pn": (GroupNormAct, {"proxy_norm": True}),
+    "in+pn": (InstanceNormAct, {"proxy_norm": True}),
+    "pn": (ProxyNormAct, {}),
+    "evonorm_b0": (EvoNormB0, {}),
+    "evonorm_s0": (EvoNormS0, {}),
     # `...Normalization` classes default to no activation (Keras' naming); their names
     # here build norm + ReLU, as "bn" does.
-    "iebn": ("tf_proxynorm.layers.iebn:InstanceEnhancementBatchNormalization",
-             {"activation": "relu"}),
-    "bgn": ("tf_proxynorm.layers.batch_group_norm:BatchGroupNormalization",
-            {"activation": "relu"}),
+    "iebn": (InstanceEnhancementBatchNormalization, {"activation": "relu"}),
+    "bgn": (BatchGroupNormalization, {"activation": "relu"}),
     # Needs its conv: model builders apply conv + norm through `conv_norm_layers`.
-    "cbn": ("tf_proxynorm.layers.cross_iteration_bn:CrossIterationBatchNormalization",
-            {"activation": "relu"}),
+    "cbn": (CrossIterationBatchNormalization, {"activation": "relu"}),
 }
 
 
@@ -57,7 +63,7 @@ def lookup(name):
             f"Unknown normalization name. Expected one of {available_norm_acts()}. "
             f"Received: norm={name!r}")
     target, defaults = entry
-    if isinstance(target, str):
+    if isinstance(target, str):   # a "module:Class" path from `register_norm_act`
         module, cls = target.split(":")
         target = getattr(importlib.import_module(module), cls)
     return target, defaults
