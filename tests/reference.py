@@ -1,4 +1,4 @@
-"""Float64 NumPy references written from the specs (shared/spec/*.md), independent of the package.
+"""Float64 NumPy references written from the specs (docs/spec/*.md), independent of the package.
 
 Every test compares the package against these functions (or against a number quoted in a
 spec), never against the package itself.

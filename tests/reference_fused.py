@@ -3,7 +3,7 @@
 - `forward` / `backward`: float64 NumPy versions of the raw op pair, including the side
   outputs (per-(example, group) mean and inverse std) and every gradient output.
 - `layer_tf64`: GroupNorm -> affine -> activation -> proxy normalization written inline in
-  TensorFlow float64 ops from shared/spec/proxy_norm.md, so that TF autodiff gives float64
+  TensorFlow float64 ops from docs/spec/proxy_norm.md, so that TF autodiff gives float64
   reference gradients for gamma, beta, proxy_beta and proxy_gamma through the proxy
   statistics. Nothing here imports tf_proxynorm.
 """

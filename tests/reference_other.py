@@ -1,5 +1,5 @@
 """Float64 NumPy references for EvoNorm, CBN, IEBN, BGN and WS, written from
-shared/spec/other_methods.md (sections 1-5), independent of the package.
+docs/spec/other_methods.md (sections 1-5), independent of the package.
 
 Layouts: `axis` is the channel axis; per-channel vectors have shape (C,).
 """

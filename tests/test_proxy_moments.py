@@ -1,4 +1,4 @@
-"""Proxy statistics against the numbers of shared/spec/proxy_norm.md section 6 and NumPy."""
+"""Proxy statistics against the numbers of docs/spec/proxy_norm.md section 6 and NumPy."""
 
 import numpy as np
 import pytest

@@ -33,7 +33,7 @@ class _Folder:
         self.inference = inference
         self._inference_layers = {}   # id(norm layer) -> its inference form (shared layers)
         self.report = []
-        self.targets = {}     # id(target node) -> (scale, shift or None, PN layer name)
+        self.targets = {}     # id(target node) -> (scale, shift or None)
         self._nested = {}
         self._shared = {}     # id(PN layer called several times) -> (new layer, affine)
 

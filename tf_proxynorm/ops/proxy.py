@@ -1,6 +1,6 @@
 """Proxy statistics of Proxy Normalization (Labatie et al., NeurIPS 2021).
 
-See `shared/spec/proxy_norm.md` section 3. For each channel c the proxy variable is
+See `docs/spec/proxy_norm.md` section 3. For each channel c the proxy variable is
 `Y~_c = proxy_beta_c + (1 + proxy_gamma_c) * Q` with `Q ~ N(0, 1)`; PN uses the mean and
 population variance of `act(gamma_c * Y~_c + beta_c)`, computed deterministically over
 the `num_samples` mid-point quantiles of N(0, 1). They depend on parameters only.
