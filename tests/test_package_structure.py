@@ -4,7 +4,9 @@
 - no module uses another module's private names (`mod._name`, `from mod import _name`);
   private *modules* of a package (`_graph`, `layers._base`) are fine;
 - every `TF_PROXYNORM_*` environment variable is named (parsed) in one module only;
-- only `tf_proxynorm.fused` (and the `python -m` entry points) refers to the compiled library.
+- only `tf_proxynorm.fused` (and the `python -m` entry points) refers to the compiled library;
+- one definition per public name: no public top-level name is defined in two modules, no
+  top-level function is a copy of another, and the group-count rule is written once.
 """
 
 import ast
@@ -145,3 +147,126 @@ def test_fused_subpackage_depends_on_nothing_else_of_the_package_but_config_and_
     outside = {n for m in MODULES if m.startswith("tf_proxynorm.fused")
                for n in GRAPH[m][1] if not n.startswith("tf_proxynorm.fused")}
     assert outside <= {"tf_proxynorm.config", "tf_proxynorm.version"}, outside
+
+
+# -- one definition per name -------------------------------------------------------------------
+
+# Public names still defined in two modules, each being removed by another step of issue 24
+# (`fused/` split: `cache_root`, `source_dir`; `data.py` moved to examples/: `load`).
+# Empty this once those steps are merged; never add to it.
+DUPLICATE_NAMES_BEING_REMOVED = {
+    "cache_root": {"tf_proxynorm.fused.build", "tf_proxynorm.fused.settings"},
+    "source_dir": {"tf_proxynorm.fused.build", "tf_proxynorm.fused.settings"},
+    "load": {"tf_proxynorm.data", "tf_proxynorm.fused.loader"},
+}
+# `main` of each `python -m` entry point (`fused.build`, `fused.info`) is one name by convention.
+ENTRY_POINT = "main"
+# Top-level functions with the same code in two modules, not yet merged (issue 24 left them).
+COPIES_NOT_YET_MERGED = [{"tf_proxynorm.absorb._float64", "tf_proxynorm.fold._float64"}]
+
+
+def _public_definitions(tree):
+    """Public names a module defines at top level (functions, classes, assignments); names
+    it imports are not definitions."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return {n for n in names if not n.startswith("_")}
+
+
+def _duplicate_names(trees):
+    """{name: modules} for the public names defined in more than one of `trees`."""
+    where = {}
+    for module, tree in trees.items():
+        for name in _public_definitions(tree):
+            where.setdefault(name, set()).add(module)
+    return {n: ms for n, ms in where.items() if len(ms) > 1 and n != ENTRY_POINT}
+
+
+def _function_copies(trees):
+    """Groups of top-level functions (public or private) of different modules with the same
+    arguments and code, docstrings aside: a pass-through copy or a private re-definition."""
+    by_code = {}
+    for module, tree in trees.items():
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            code = ast.dump(node.args) + "".join(ast.dump(b) for b in body)
+            by_code.setdefault(code, set()).add(f"{module}.{node.name}")
+    return [names for names in by_code.values() if len({n.rsplit(".", 1)[0] for n in names}) > 1]
+
+
+def _divisor_searches(trees):
+    """Where a comprehension over `range(...)` keeps the `d` with `n % d == 0` (the
+    group-count rule: the largest divisor of the channels at most `groups`)."""
+    found = []
+    for module, tree in trees.items():
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.comprehension) and isinstance(node.iter, ast.Call)
+                    and getattr(node.iter.func, "id", None) == "range"):
+                continue
+            for cond in node.ifs:
+                if (isinstance(cond, ast.Compare) and isinstance(cond.left, ast.BinOp)
+                        and isinstance(cond.left.op, ast.Mod)
+                        and isinstance(cond.ops[0], ast.Eq)
+                        and getattr(cond.comparators[0], "value", None) == 0):
+                    found.append(module)
+    return found
+
+
+TREES = {m: GRAPH[m][0] for m in MODULES}
+
+
+def test_each_public_name_is_defined_in_one_module():
+    """A newcomer who greps a public name lands on one definition (no three `group_norm_act`s
+    or two `canonical_name`s)."""
+    duplicates = _duplicate_names(TREES)
+    unexpected = {n: sorted(ms) for n, ms in duplicates.items()
+                  if DUPLICATE_NAMES_BEING_REMOVED.get(n) != ms}
+    assert unexpected == {}
+
+
+def test_no_function_is_a_copy_of_another():
+    """E.g. a private `_stats_dtype` beside `stats.stats_dtype`: import the one definition."""
+    copies = [c for c in _function_copies(TREES) if c not in COPIES_NOT_YET_MERGED]
+    assert copies == []
+
+
+def test_the_group_count_rule_is_written_once():
+    """`ops.stats.largest_divisor_at_most` is the rule for EvoNorm-S0, the model builders and
+    `convert_model` (it was written twice, under two names)."""
+    assert _divisor_searches(TREES) == ["tf_proxynorm.ops.stats"]
+
+
+def test_the_one_definition_checks_can_fail():
+    """Planted modules: the three `group_norm_act`s, a private copy of `stats_dtype`, and the
+    group-count rule in two places, as they were before issue 24."""
+    planted = {
+        "a.group_norm": ast.parse(
+            "def group_norm_act(x):\n    return x\n"
+            "def _stats_dtype(d):\n    return 'float64' if d == 'float64' else 'float32'\n"),
+        "a.norm_act": ast.parse("from a.fused import group_norm_act as g\n"
+                                "def group_norm_act(x, implementation='auto'):\n"
+                                "    return g(x)\n"),
+        "a.fused": ast.parse("OP_NAME = 'x'\ndef group_norm_act(x):\n    return -x\n"),
+        "a.abi": ast.parse("OP_NAME = 'x'\n"),
+        "a.stats": ast.parse(
+            "def stats_dtype(d):\n    \"\"\"Doc.\"\"\"\n"
+            "    return 'float64' if d == 'float64' else 'float32'\n"
+            "def largest(c, g):\n    return max(d for d in range(1, g + 1) if c % d == 0)\n"),
+        "a.evonorm": ast.parse(
+            "def evonorm_groups(c, g=32):\n"
+            "    return next(d for d in range(g, 0, -1) if c % d == 0)\n"
+            "def main():\n    return 0\n"),
+        "a.info": ast.parse("def main():\n    return 1\n"),
+    }
+    assert _duplicate_names(planted) == {
+        "group_norm_act": {"a.group_norm", "a.norm_act", "a.fused"},
+        "OP_NAME": {"a.fused", "a.abi"}}
+    assert _function_copies(planted) == [{"a.group_norm._stats_dtype", "a.stats.stats_dtype"}]
+    assert sorted(_divisor_searches(planted)) == ["a.evonorm", "a.stats"]
