@@ -4,7 +4,9 @@
 - no module uses another module's private names (`mod._name`, `from mod import _name`);
   private *modules* of a package (`_graph`, `layers._base`) are fine;
 - every `TF_PROXYNORM_*` environment variable is named (parsed) in one module only;
-- only `tf_proxynorm.fused` (and the `python -m` entry points) refers to the compiled library.
+- only `tf_proxynorm.fused` (and the `python -m` entry points) refers to the compiled library;
+- loading a cached library imports the read-only `fused.cache`, never the compiler driver
+  `fused.build` (imported inside the function that builds).
 """
 
 import ast
@@ -145,3 +147,44 @@ def test_fused_subpackage_depends_on_nothing_else_of_the_package_but_config_and_
     outside = {n for m in MODULES if m.startswith("tf_proxynorm.fused")
                for n in GRAPH[m][1] if not n.startswith("tf_proxynorm.fused")}
     assert outside <= {"tf_proxynorm.config", "tf_proxynorm.version"}, outside
+
+
+def _imported_at_import_time(start):
+    """The modules of the package that importing `start` imports: its imports outside
+    function bodies (those inside run only when called), the packages above each, and
+    theirs in turn."""
+    seen, todo = set(), [start]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        nodes = list(ast.iter_child_nodes(GRAPH[module][0]))
+        while nodes:
+            node = nodes.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            nodes += ast.iter_child_nodes(node)
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name in MODULES]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(module, node)
+                if base.startswith("tf_proxynorm"):
+                    todo += [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
+                             for a in node.names]
+    return seen
+
+
+def test_loading_a_cached_library_never_imports_the_compiler_driver():
+    """`import tf_proxynorm`, the loader and `info` import the read-only `fused.cache`; the
+    compiler driver `fused.build` only when a build runs (tests/test_build.py checks it in
+    a process: a warm cache, or TF_PROXYNORM_NO_BUILD=1, never imports it)."""
+    driver = "tf_proxynorm.fused.build"
+    assert driver in _imported_at_import_time("tf_proxynorm.build")   # the check can fail
+    for start in ("tf_proxynorm", "tf_proxynorm.fused.loader", "tf_proxynorm.fused.info",
+                  "tf_proxynorm.info"):
+        reached = _imported_at_import_time(start)
+        assert "tf_proxynorm.fused.cache" in reached, start
+        assert driver not in reached, start
