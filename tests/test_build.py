@@ -25,6 +25,8 @@ import reference_fused as RF
 import tf_proxynorm as tfpn
 from tf_proxynorm import fused
 from tf_proxynorm.fused import build, settings
+from tf_proxynorm.fused import cache as build_cache
+from tf_proxynorm.fused.errors import BuildError
 
 TESTS = Path(__file__).resolve().parent
 OP_PREFIX = "TfProxyNorm>"
@@ -74,26 +76,27 @@ def cache_copy(tmp_path, monkeypatch):
     """A copy of the loaded library's cache directory under a fresh TF_PROXYNORM_CACHE_DIR,
     and the BuildConfig it was built for."""
     library = _require_library()
-    stamp = json.loads((library.parent / build.STAMP_NAME).read_text())
-    config = build.BuildConfig(**stamp["config"])
+    stamp = json.loads((library.parent / build_cache.STAMP_NAME).read_text())
+    config = build_cache.BuildConfig(**stamp["config"])
     monkeypatch.setenv(settings.ENV_CACHE_DIR, str(tmp_path / "cache"))
     # "This environment" is the one the library was built for, even if a C++ source was
     # edited since (which would select another cache key, and a build).
-    monkeypatch.setattr(build, "current_config", lambda: config)
+    monkeypatch.setattr(build_cache, "current_config", lambda: config)
     shutil.copytree(library.parent, config.directory())
     return config
 
 
 def _tamper_stamp(directory, **fields):
-    path = directory / build.STAMP_NAME
+    path = directory / build_cache.STAMP_NAME
     stamp = json.loads(path.read_text())
     stamp["config"].update(fields)
     path.write_text(json.dumps(stamp))
 
 
 def test_intact_copy_is_accepted(cache_copy):
-    assert build.find_library(cache_copy) == cache_copy.directory() / build.LIBRARY_NAME
-    assert build.check_stamp(cache_copy.directory(), cache_copy) is None
+    assert (build_cache.find_library(cache_copy)
+            == cache_copy.directory() / build_cache.LIBRARY_NAME)
+    assert build_cache.check_stamp(cache_copy.directory(), cache_copy) is None
 
 
 @pytest.mark.parametrize("field, value", [
@@ -103,8 +106,8 @@ def test_intact_copy_is_accepted(cache_copy):
 ])
 def test_mismatched_stamp_is_refused(cache_copy, field, value):
     _tamper_stamp(cache_copy.directory(), **{field: value})
-    with pytest.raises(build.BuildError, match=f"records {field}=.*refusing|refusing.*{field}"):
-        build.find_library(cache_copy)
+    with pytest.raises(BuildError, match=f"records {field}=.*refusing|refusing.*{field}"):
+        build_cache.find_library(cache_copy)
     # The lazy path neither loads nor silently rebuilds over it: one reason, no library.
     outcome = fused.attempt_load()
     assert outcome.module is None and f"{field}=" in outcome.reason
@@ -112,10 +115,10 @@ def test_mismatched_stamp_is_refused(cache_copy, field, value):
 
 
 def test_tampered_library_is_refused(cache_copy):
-    with open(cache_copy.directory() / build.LIBRARY_NAME, "ab") as f:
+    with open(cache_copy.directory() / build_cache.LIBRARY_NAME, "ab") as f:
         f.write(b"\0")
-    with pytest.raises(build.BuildError, match="does not match the checksum"):
-        build.find_library(cache_copy)
+    with pytest.raises(BuildError, match="does not match the checksum"):
+        build_cache.find_library(cache_copy)
     outcome = fused.attempt_load()
     assert outcome.module is None and "checksum" in outcome.reason
 
@@ -123,20 +126,21 @@ def test_tampered_library_is_refused(cache_copy):
 def test_stale_library_under_a_new_key_is_refused(cache_copy):
     """A library copied under the key of another TensorFlow (e.g. a cache carried across an
     upgrade) is detected by its stamp, not trusted by its directory name."""
-    upgraded = build.BuildConfig(**{**cache_copy.fields(), "tf_version": "2.99.0"})
+    upgraded = build_cache.BuildConfig(**{**cache_copy.fields(), "tf_version": "2.99.0"})
     shutil.copytree(cache_copy.directory(), upgraded.directory())
     match = rf"records tf_version='{re.escape(tf.__version__)}' .* has tf_version='2\.99\.0'"
-    with pytest.raises(build.BuildError, match=match):
-        build.find_library(upgraded)
+    with pytest.raises(BuildError, match=match):
+        build_cache.find_library(upgraded)
 
 
 def test_without_compiler_only_a_library_matching_everything_else_is_used(cache_copy):
-    no_compiler = build.BuildConfig(**{**cache_copy.fields(), "compiler": "",
+    no_compiler = build_cache.BuildConfig(**{**cache_copy.fields(), "compiler": "",
                                        "compiler_version": ""})
-    assert build.find_library(no_compiler) == cache_copy.directory() / build.LIBRARY_NAME
+    assert (build_cache.find_library(no_compiler)
+            == cache_copy.directory() / build_cache.LIBRARY_NAME)
     _tamper_stamp(cache_copy.directory(), cxx11_abi=1 - cache_copy.cxx11_abi)
-    assert build.find_library(no_compiler) is None
-    with pytest.raises(build.BuildError, match="no C\\+\\+ compiler"):
+    assert build_cache.find_library(no_compiler) is None
+    with pytest.raises(BuildError, match="no C\\+\\+ compiler"):
         build.build(no_compiler)
 
 
@@ -155,6 +159,51 @@ def test_no_build_and_unusable_cache_give_a_reason(tmp_path, monkeypatch):
 
 
 # -- fresh processes: no compiler, one thread, info ----------------------------------------
+
+LOAD_ONLY_SCRIPT = """
+    import json, os, sys, warnings
+    import numpy as np
+    import tf_proxynorm as tfpn
+    from tf_proxynorm import fused
+    from tf_proxynorm.fused import cache
+    from tf_proxynorm.info import report
+    out = {{}}
+    # A warm cache: `info` loads the library, the first layer call and `describe` use it.
+    info = "\\n".join(report())
+    tfpn.GroupNormAct(groups=2)(np.ones((2, 4, 4, 8), "float32"))
+    out["warm"] = dict(available=tfpn.fused_op_available(), info=info,
+                       reason=fused.describe()["reason"])
+    # An empty cache and TF_PROXYNORM_NO_BUILD=1: a load attempt and the description of
+    # the cache (what `info` reports) give the reason.
+    os.environ.update({{"{cache_dir}": {empty!r}, "{no_build}": "1"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["no_build"] = dict(reason=fused.attempt_load().reason,
+                               described=cache.describe()["reason"])
+    out["build_imported"] = "tf_proxynorm.fused.build" in sys.modules
+    print(json.dumps(out))
+"""
+
+
+def test_loading_and_describing_never_import_the_compiler_driver(tmp_path):
+    """With a warm cache, or with TF_PROXYNORM_NO_BUILD=1, `info`, the first layer call and
+    `describe` read `fused.cache` only: the compiler driver `fused.build` is not imported."""
+    _require_library()
+    empty = tmp_path / "cache"
+    script = LOAD_ONLY_SCRIPT.format(cache_dir=settings.ENV_CACHE_DIR, empty=str(empty),
+                                     no_build=settings.ENV_NO_BUILD)
+    out = _run_python(script, {})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    warm, no_build = result["warm"], result["no_build"]
+    assert warm["available"] and warm["reason"] is None
+    assert "fused op library: AVAILABLE" in warm["info"]
+    for reason in no_build.values():
+        assert f"{settings.ENV_NO_BUILD}='1' forbids building it" in reason, no_build
+        assert str(empty) in reason
+    assert result["build_imported"] is False
+    assert not empty.exists()
+
 
 NO_COMPILER_SCRIPT = """
     import json, warnings
@@ -252,7 +301,7 @@ def test_bad_setup_means_one_warning_and_the_reference_path(tmp_path, setup):
     for report in (result["info_before"], result["info"]):
         assert "UNAVAILABLE" in report
         assert _words(said) in _words(report), (said, report)
-    assert not list(tmp_path.rglob(build.LIBRARY_NAME))
+    assert not list(tmp_path.rglob(build_cache.LIBRARY_NAME))
 
 
 ONE_THREAD_SCRIPT = """
@@ -347,11 +396,11 @@ def test_two_processes_building_at_once_both_end_with_a_working_library(tmp_path
     assert result["err"] < 1e-5
     built = Path(result["path"])
     assert str(built) in outs[0][0] and built.parent.parent == cache
-    config = json.loads((built.parent / build.STAMP_NAME).read_text())["config"]
-    assert build.check_stamp(built.parent, build.BuildConfig(**config)) is None
+    config = json.loads((built.parent / build_cache.STAMP_NAME).read_text())["config"]
+    assert build_cache.check_stamp(built.parent, build_cache.BuildConfig(**config)) is None
     assert config["isas"] == ["generic"]
     # One compilation, nothing half-written left behind.
-    log = (built.parent / build.LOG_NAME).read_text()
+    log = (built.parent / build_cache.LOG_NAME).read_text()
     assert log.count("# tf_proxynorm build of") == 1
     leftovers = [p.name for p in cache.iterdir() if p != built.parent and p.suffix != ".lock"]
     assert leftovers == []

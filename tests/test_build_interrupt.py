@@ -25,6 +25,7 @@ import pytest
 
 import tf_proxynorm as tfpn
 from tf_proxynorm.fused import build, info, loader, settings
+from tf_proxynorm.fused import cache as build_cache
 from tf_proxynorm.fused.errors import BuildError, BuildInterrupted
 
 TESTS = Path(__file__).resolve().parent
@@ -76,7 +77,7 @@ def fake_env(tmp_path, monkeypatch):
     for name in (settings.ENV_NO_BUILD, "FAKE_CXX_FAIL", "FAKE_CXX_SIGNAL", "FAKE_CXX_SLEEP",
                  "FAKE_CXX_TOUCH", "TF_PROXYNORM_IMPLEMENTATION"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(build, "_ATTEMPTED", set(), raising=False)
+    monkeypatch.setattr(build_cache, "_ATTEMPTED", set(), raising=False)
     monkeypatch.setattr(loader, "_library", None)
     return env
 
@@ -158,10 +159,11 @@ def _gone(pid):
 
 
 def _plan_in(env, tmp_path):
-    """`python -m tf_proxynorm.info` and `build.plan()` in a fresh process (no compile)."""
-    script = ("import json\nfrom tf_proxynorm.fused import build\nfrom tf_proxynorm.info import "
-              "report\nstep = build.plan()\nprint(json.dumps(dict(builds=step.builds, "
-              "reason=step.reason, info='\\n'.join(report()))))")
+    """`python -m tf_proxynorm.info` and `build_cache.plan()` in a fresh process (no compile)."""
+    script = ("import json\nfrom tf_proxynorm.fused import cache as build_cache\nfrom "
+              "tf_proxynorm.info import report\nstep = build_cache.plan()\n"
+              "print(json.dumps(dict(builds=step.builds, reason=step.reason, "
+              "info='\\n'.join(report()))))")
     out = subprocess.run([sys.executable, "-c", script], cwd=str(TESTS),
                          env=_subprocess_env(env), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -216,7 +218,7 @@ def test_a_compiler_killed_by_a_signal_is_not_a_failed_build(fake_env, tmp_path,
     with pytest.raises(BuildInterrupted, match=f"stopped by SIG{sig} .*not recorded as failed"):
         build.ensure_library(progress=lambda line: None)
     assert _leftovers(tmp_path / "cache") == []
-    assert build.plan().builds
+    assert build_cache.plan().builds
     outcome = loader.attempt_load()
     assert outcome.module is None and "the build was interrupted" in outcome.reason
     monkeypatch.delenv("FAKE_CXX_SIGNAL")
@@ -234,9 +236,9 @@ def test_a_failed_build_is_retried_once_per_process(fake_env, tmp_path, monkeypa
         build.ensure_library(progress=lambda line: None)
     message = str(first.value)
     assert "`fakecxx` failed (exit 1)" in message and "fakecxx: error: boom" in message
-    assert build.RETRY_NOTE in message
-    directory = build.current_config().directory()
-    failed = build.failed_log(directory)
+    assert build_cache.RETRY_NOTE in message
+    directory = build_cache.current_config().directory()
+    failed = build_cache.failed_log(directory)
     assert f"Full build log: {failed}" in message and failed.is_file()
     calls = _calls(tmp_path)
     # Not again in this process, even once the cause is gone: the same reason, no compile.
@@ -245,16 +247,16 @@ def test_a_failed_build_is_retried_once_per_process(fake_env, tmp_path, monkeypa
         build.ensure_library(progress=lambda line: None)
     assert _calls(tmp_path) == calls
     # A new process (no attempt recorded) retries it once, says so, and builds.
-    monkeypatch.setattr(build, "_ATTEMPTED", set())
+    monkeypatch.setattr(build_cache, "_ATTEMPTED", set())
     monkeypatch.setenv("FAKE_CXX_TOUCH", "1")
     lines = []
     path = build.ensure_library(progress=lines.append)
     assert _calls(tmp_path) > calls
     assert lines[0].startswith("retrying the build that failed at ") and str(failed) in lines[0]
     assert "retried once per process" in lines[0]
-    assert path == directory / build.LIBRARY_NAME and path.is_file()
+    assert path == directory / build_cache.LIBRARY_NAME and path.is_file()
     assert not failed.exists()
-    assert build.check_stamp(directory, build.current_config()) is None
+    assert build_cache.check_stamp(directory, build_cache.current_config()) is None
 
 
 def test_a_failed_log_of_an_interrupted_build_by_an_older_version_is_retried(fake_env,
@@ -262,11 +264,11 @@ def test_a_failed_log_of_an_interrupted_build_by_an_older_version_is_retried(fak
     """The issue's leftover: a `.failed.log` holding only `# exit -2` lines (Ctrl-C, recorded
     as a failure by an older version). First use retries it and, built, removes it; `info`
     before that says the first layer call retries it."""
-    directory = build.current_config().directory()
+    directory = build_cache.current_config().directory()
     directory.parent.mkdir(parents=True)
-    failed = build.failed_log(directory)
+    failed = build_cache.failed_log(directory)
     failed.write_text("# tf_proxynorm build of x\n$ g++ -c a.cc\n# exit -2 in 3.1 s\n")
-    step = build.plan()
+    step = build_cache.plan()
     assert step.builds and step.failure["message"] == f"the build failed (log: {failed})"
     status, reason = _info_reason()
     assert status.startswith("fused op library: NOT BUILT (the last build failed")
@@ -279,7 +281,7 @@ def test_a_failed_log_of_an_interrupted_build_by_an_older_version_is_retried(fak
 def test_a_failure_recorded_while_waiting_for_the_lock_is_not_compiled_again(fake_env, tmp_path):
     """Processes that start together on a broken set-up: the one holding the lock fails and
     records it; the waiting ones report that failure instead of each compiling in turn."""
-    config = build.current_config()
+    config = build_cache.current_config()
     directory = config.directory()
     directory.parent.mkdir(parents=True)
     lines, outcome = [], {}
@@ -335,7 +337,7 @@ def test_build_command_shows_progress_and_is_quiet_when_cached(fake_env, tmp_pat
                  "CPU kernels, avx512 variant", "op registration (group_norm_act_ops.cc)",
                  "CPU op wrapper (group_norm_act_cpu.cc)"):
         assert sum(f"] compiled {unit} (" in line for line in steps) == 1, (unit, steps)
-    assert f"] linked {build.LIBRARY_NAME} (6/6, " in steps[-1]
+    assert f"] linked {build_cache.LIBRARY_NAME} (6/6, " in steps[-1]
     for line in steps:
         assert re.match(r"tf_proxynorm: \[ *\d+\.\d s\] .* \(\d/6, \d+\.\d s\)$", line), line
     assert out.startswith("tf_proxynorm: fused op library ready in ")
@@ -424,10 +426,10 @@ def test_cuda_step_progress_names_each_file_and_its_architectures(fake_env, tmp_
     lines = []
     progress = build._Progress(lines.append, time.monotonic())
     step = cuda.cuda_build_step({"nvcc": str(nvcc), "sass": ["sm_75", "sm_90"],
-                                 "ptx": "compute_90"}, build.source_dir(), [], str(out),
-                                lambda line: None, progress=progress)
+                                 "ptx": "compute_90"}, build_cache.checked_source_dir(), [],
+                                str(out), lambda line: None, progress=progress)
     targets = "sm_75, sm_90, compute_90 (PTX)"
-    cu_files = sorted(p.name for p in (build.source_dir() / "cuda").glob("*.cu"))
+    cu_files = sorted(p.name for p in (build_cache.checked_source_dir() / "cuda").glob("*.cu"))
     assert f"compiling the CUDA kernels with nvcc 12.5.82 for {targets}: {len(cu_files)} files" \
         in lines[0], lines
     for name in cu_files:
@@ -546,15 +548,15 @@ def test_info_before_and_after_a_failed_first_use_build(fake_env, tmp_path, monk
     _set_up(monkeypatch, tmp_path, "build failure")
     warned = _first_layer_call_warning()
     assert "`fakecxx` failed (exit 1)" in warned and "fakecxx: error: boom" in warned
-    assert build.RETRY_NOTE in warned
+    assert build_cache.RETRY_NOTE in warned
     assert _info_reason() == ("fused op library: UNAVAILABLE (layers use the reference path)",
                               warned)
     # A new process: nothing attempted, nothing loaded.
-    monkeypatch.setattr(build, "_ATTEMPTED", set())
+    monkeypatch.setattr(build_cache, "_ATTEMPTED", set())
     monkeypatch.setattr(loader, "_library", None)
     status, fresh = _info_reason()
     assert status.startswith("fused op library: NOT BUILT (the last build failed")
-    recorded = warned.removesuffix("\n" + build.RETRY_NOTE)
+    recorded = warned.removesuffix("\n" + build_cache.RETRY_NOTE)
     assert fresh.startswith("the last build, at ") and f"failed: {recorded}\n" in fresh
     assert "retries it once" in fresh
 
@@ -579,5 +581,5 @@ def test_after_an_interrupted_first_use_the_next_process_builds_and_loads(fake_e
     assert "previous build failed" not in out.stderr and "unavailable" not in out.stderr
     assert "] compiled CPU kernels, generic variant (" in out.stderr
     (directory,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    assert (directory / build.LIBRARY_NAME).is_file()
+    assert (directory / build_cache.LIBRARY_NAME).is_file()
     assert _leftovers(tmp_path / "cache") == [directory.name]

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tf_proxynorm.fused import build, cuda, settings
+from tf_proxynorm.fused import cache as build_cache
+from tf_proxynorm.fused import cuda, settings
+from tf_proxynorm.fused.errors import BuildError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = settings.DEFAULT_CUDA_ARCHS
@@ -65,7 +67,7 @@ def test_forced_builds_without_a_gpu_and_fails_clearly_without_nvcc(fake_toolkit
     fake_toolkit["gpu"] = False
     assert cuda.cuda_config()["sass"][0] == "sm_75"
     fake_toolkit["nvcc"] = None
-    with pytest.raises(build.BuildError, match=r"TF_PROXYNORM_BUILD_CUDA=1 but nvcc was not"):
+    with pytest.raises(BuildError, match=r"TF_PROXYNORM_BUILD_CUDA=1 but nvcc was not"):
         cuda.cuda_config()
 
 
@@ -77,7 +79,7 @@ def test_disabled(fake_toolkit, monkeypatch, value):
 
 def test_bad_mode_is_rejected(monkeypatch):
     monkeypatch.setenv("TF_PROXYNORM_BUILD_CUDA", "sometimes")
-    with pytest.raises(build.BuildError,
+    with pytest.raises(BuildError,
                        match=r"Received: TF_PROXYNORM_BUILD_CUDA='sometimes'"):
         cuda.cuda_config()
 
@@ -94,17 +96,17 @@ def test_architectures(fake_toolkit, monkeypatch):
     monkeypatch.delenv("TF_PROXYNORM_CUDA_ARCHS")
     assert cuda.cuda_config()["sass"] == ["sm_75", "sm_80"]
     monkeypatch.setenv("TF_PROXYNORM_CUDA_ARCHS", "ampere")
-    with pytest.raises(build.BuildError, match=r"Received: TF_PROXYNORM_CUDA_ARCHS='ampere'"):
+    with pytest.raises(BuildError, match=r"Received: TF_PROXYNORM_CUDA_ARCHS='ampere'"):
         cuda.cuda_config()
 
 
 def test_gpu_config_is_in_the_cache_key(fake_toolkit, monkeypatch):
     monkeypatch.setenv("TF_PROXYNORM_BUILD_CUDA", "1")
-    with_gpu = build.current_config()
+    with_gpu = build_cache.current_config()
     monkeypatch.setenv("TF_PROXYNORM_CUDA_ARCHS", "90")
-    one_arch = build.current_config()
+    one_arch = build_cache.current_config()
     monkeypatch.setenv("TF_PROXYNORM_BUILD_CUDA", "0")
-    cpu_only = build.current_config()
+    cpu_only = build_cache.current_config()
     assert with_gpu.cuda["sass"] == ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90"]
     assert cpu_only.cuda is None
     assert len({with_gpu.key(), one_arch.key(), cpu_only.key()}) == 3
@@ -169,8 +171,8 @@ def _build(cache, **extra):
                             timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     (directory,) = [p for p in Path(cache).glob("tf*") if p.is_dir()]
-    stamp = json.loads((directory / build.STAMP_NAME).read_text())
-    return directory / build.LIBRARY_NAME, stamp, result.stderr
+    stamp = json.loads((directory / build_cache.STAMP_NAME).read_text())
+    return directory / build_cache.LIBRARY_NAME, stamp, result.stderr
 
 
 def _inspect(library, cache):

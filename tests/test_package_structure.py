@@ -7,6 +7,8 @@
 - only `tf_proxynorm.fused` (and the `python -m` entry points) refers to the compiled library;
 - one definition per public name: no public top-level name is defined in two modules, no
   top-level function is a copy of another, and the group-count rule is written once.
+- loading a cached library imports the read-only `fused.cache`, never the compiler driver
+  `fused.build` (imported inside the function that builds).
 """
 
 import ast
@@ -270,3 +272,42 @@ def test_the_one_definition_checks_can_fail():
         "OP_NAME": {"a.fused", "a.abi"}}
     assert _function_copies(planted) == [{"a.group_norm._stats_dtype", "a.stats.stats_dtype"}]
     assert sorted(_divisor_searches(planted)) == ["a.evonorm", "a.stats"]
+def _imported_at_import_time(start):
+    """The modules of the package that importing `start` imports: its imports outside
+    function bodies (those inside run only when called), the packages above each, and
+    theirs in turn."""
+    seen, todo = set(), [start]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        nodes = list(ast.iter_child_nodes(GRAPH[module][0]))
+        while nodes:
+            node = nodes.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            nodes += ast.iter_child_nodes(node)
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name in MODULES]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(module, node)
+                if base.startswith("tf_proxynorm"):
+                    todo += [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
+                             for a in node.names]
+    return seen
+
+
+def test_loading_a_cached_library_never_imports_the_compiler_driver():
+    """`import tf_proxynorm`, the loader and `info` import the read-only `fused.cache`; the
+    compiler driver `fused.build` only when a build runs (tests/test_build.py checks it in
+    a process: a warm cache, or TF_PROXYNORM_NO_BUILD=1, never imports it)."""
+    driver = "tf_proxynorm.fused.build"
+    assert driver in _imported_at_import_time("tf_proxynorm.build")   # the check can fail
+    for start in ("tf_proxynorm", "tf_proxynorm.fused.loader", "tf_proxynorm.fused.info",
+                  "tf_proxynorm.info"):
+        reached = _imported_at_import_time(start)
+        assert "tf_proxynorm.fused.cache" in reached, start
+        assert driver not in reached, start

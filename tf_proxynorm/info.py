@@ -1,4 +1,8 @@
-"""`python -m tf_proxynorm.info`: what this installation can run (see `tf_proxynorm.fused.info`)."""
+"""`python -m tf_proxynorm.info`: what this installation can run.
+
+An entry point only, kept at the top level for the command's short name: the report is
+`tf_proxynorm.fused.info`.
+"""
 
 import sys
 

@@ -8,7 +8,8 @@ import pytest
 import tf_proxynorm as tfpn
 from backend_helpers import BACKEND
 from tf_proxynorm import fused
-from tf_proxynorm.fused import build, info, loader   # `python -m tf_proxynorm.info`: info.main
+from tf_proxynorm.fused import info, loader   # `python -m tf_proxynorm.info`: info.main
+from tf_proxynorm.fused import cache as build_cache
 
 OTHER_BACKEND_PHRASES = (
     "every layer runs the keras.ops reference path",
@@ -57,7 +58,7 @@ def test_report_gives_the_first_layer_calls_reason(tmp_path, monkeypatch, setup,
     for name, value in setup.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(loader, "_library", None)   # as in a fresh process
-    monkeypatch.setattr(build, "_ATTEMPTED", set())
+    monkeypatch.setattr(build_cache, "_ATTEMPTED", set())
     printed = " ".join("\n".join(info.report()).split())
     assert phrase in printed, printed
     assert "TF_PROXYNORM_NO_BUILD" not in printed.split("environment:")[0]

@@ -8,7 +8,10 @@ Modules, each importing only modules above it in this list:
     settings   every TF_PROXYNORM_* setting of the build and cache, parsed once
     toolchain  the host C++ compiler and the common flags
     cuda       the GPU step of the build (nvcc, headers, architectures)
-    build      the build into the per-user cache, stamps (`python -m tf_proxynorm.build`)
+    cache      the per-user cache, read only: build key, stamp checks, failure records,
+               what first use would do (`plan`), the `describe` dict of `info`
+    build      the compiler driver (`python -m tf_proxynorm.build`); the loader imports it
+               only to compile
     loader     the one lazy load per process and its single warning
     ops        the op wrapper, its gradient, and whether the fused op can run a call
     info       `python -m tf_proxynorm.info`

@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 from tf_proxynorm import config
-from tf_proxynorm.fused import build, loader, settings
+from tf_proxynorm.fused import cache, loader
 from tf_proxynorm.fused.abi import OP_NAME
 from tf_proxynorm.version import __version__
 
@@ -116,29 +116,6 @@ def path_lines(info, implementation, devices, backend="tensorflow"):
         f"  {situation:{width}s}  -> {path}" for situation, path in rows]
 
 
-def describe_without_loading():
-    """What `loader.describe()` reports, from the cache's files only: the library is never
-    built or loaded (the report on a Keras backend other than TensorFlow)."""
-    src, origin = settings.source_dir()
-    out = {"available": False, "path": None, "reason": None, "cache_root": settings.cache_root(),
-           "sources": f"{src} ({origin})", "stamp": None, "build_log": None,
-           "failed_log": None, "kernels": {}}
-    directory = None
-    try:
-        step = build.plan()   # the reason a TensorFlow process's first layer call gives
-        out["path"] = step.path
-        out["reason"] = None if step.path else step.reason or step.pending_reason()
-        if step.config is not None:
-            directory = step.config.directory()
-        if step.path is not None:
-            directory = step.path.parent
-    except Exception as e:  # noqa: BLE001 - reported, never raised
-        out["config_error"] = f"{type(e).__name__}: {e}"
-    if directory is not None:
-        out.update(build.cache_files(directory))
-    return out
-
-
 def _backend_versions(backend):
     """The version line of a Keras backend other than TensorFlow."""
     try:
@@ -225,7 +202,7 @@ def report(allow_build=False):
             lines.append("fused op library: UNAVAILABLE (layers use the reference path)")
             lines.append(f"  reason:       {_indented(info['reason'])}")
     else:
-        info = describe_without_loading()
+        info = cache.describe()   # from the cache's files: never built or loaded here
         lines.append(f"fused op library: NOT USED on the {backend!r} backend (a TensorFlow "
                      "op; not built or loaded here)")
         if info["path"] is not None:

@@ -5,9 +5,12 @@ The library is loaded the first time the fused path is considered (never at
 cores, with progress lines on the `tf_proxynorm` logger), unless `TF_PROXYNORM_NO_BUILD=1`.
 When it cannot be built or loaded (no compiler, missing sources, an unwritable cache, a
 failed or interrupted build, a stale or mismatched library), one warning is issued per
-process, with the reason `build.plan` gives (the one `python -m tf_proxynorm.info`
+process, with the reason `cache.plan` gives (the one `python -m tf_proxynorm.info`
 reports), and every call uses the reference path. Ctrl-C during the build interrupts the
 call (KeyboardInterrupt) and records nothing: the next process builds again.
+
+Loading a cached library reads `cache` only: the compiler driver (`build`) is imported
+when a build runs.
 """
 
 import threading
@@ -15,7 +18,7 @@ import warnings
 
 import tensorflow as tf
 
-from tf_proxynorm.fused import abi, build, settings
+from tf_proxynorm.fused import abi, cache
 from tf_proxynorm.fused.errors import BuildError
 
 
@@ -68,7 +71,13 @@ def attempt_load(allow_build=None):
     with `module=None` and the reason when the library cannot be had.
     """
     try:
-        path = build.ensure_library(allow_build=allow_build)
+        step = cache.plan(allow_build)
+        if step.reason is not None:
+            raise BuildError(step.reason)
+        path = step.path
+        if step.builds:
+            from tf_proxynorm.fused import build   # the compiler driver: only to compile
+            path = build.build_on_first_use(step)
     except BuildError as e:
         return Library(reason=str(e))
     except Exception as e:  # noqa: BLE001 - an unexpected failure still means the reference path
@@ -117,9 +126,10 @@ def library_path():
 
 
 def describe(allow_build=False):
-    """What `python -m tf_proxynorm.info` reports about the library, as a dict.
+    """What `python -m tf_proxynorm.info` reports about the library, as a dict (the keys of
+    `cache.describe`; here `available` and `kernels` say what this process loaded).
 
-    The reason it gives is the one the first layer call's warning gives (`build.plan`
+    The reason it gives is the one the first layer call's warning gives (`cache.plan`
     decides both). Without `allow_build` it never compiles: when no load was attempted in
     this process it loads a cached library, or reports why there is none (`pending_build`:
     "build", or "retry" after a recorded failure, when the first layer call would build
@@ -127,32 +137,14 @@ def describe(allow_build=False):
     layer call of this process still builds. With `allow_build` it builds first when
     needed (unless TF_PROXYNORM_NO_BUILD is set).
     """
-    pending = False
-    if allow_build or load_attempted():
-        library = load(warn=False)
-    else:
-        step = build.plan()
-        if step.path is not None:
-            library = load(warn=False)
-        else:
-            library = Library(reason=step.reason or step.pending_reason())
-            pending = step.builds and ("retry" if step.failure else "build")
-    src, origin = settings.source_dir()
-    out = {"available": library.module is not None, "path": library.path,
-           "reason": library.reason, "pending_build": pending,
-           "cache_root": settings.cache_root(),
-           "sources": f"{src} ({origin})", "stamp": None, "build_log": None,
-           "failed_log": None, "kernels": {}}
-    try:
-        directory = build.current_config().directory()
-    except Exception as e:  # noqa: BLE001 - reported, never raised
-        directory = None
-        out["config_error"] = f"{type(e).__name__}: {e}"
-    if library.path is not None:
-        directory = library.path.parent
-    if directory is not None:
-        out.update(build.cache_files(directory))
+    if not (allow_build or load_attempted()):
+        step = cache.plan()
+        if step.path is None:
+            return cache.describe(step)
+    library = load(warn=False)
+    out = cache.describe(library)
     if library.module is not None:
+        out["available"] = True
         out["kernels"] = {name: registered_kernels(name)
                           for name in (abi.OP_NAME, abi.GRAD_OP_NAME)}
     return out
