@@ -25,7 +25,9 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tf_proxynorm.callbacks import _backend, _base, _output, _probe
+from tf_proxynorm import _backend
+from tf_proxynorm.callbacks import _output, base
+from tf_proxynorm.callbacks.probe import LayerProbe, is_kernel_layer, output_axis
 from tf_proxynorm.ops.norm_act import batch_moments
 
 DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)
@@ -140,12 +142,12 @@ class ScaleProbe:
         self.alphas = alphas
         self.variables = list(model.trainable_variables)
         self.fixed_variables = list(model.non_trainable_variables)
-        self.kernel_layers = [layer for layer in _probe.all_layers(model)
-                              if _probe.is_kernel_layer(layer)]
+        self.kernel_layers = [layer for layer in _backend.all_layers(model)
+                              if is_kernel_layer(layer)]
         paths = [v.path for v in self.variables]
         self.kernel_index = [paths.index(layer.kernel.path) if layer.kernel.path in paths else None
                              for layer in self.kernel_layers]
-        self.probe = _probe.LayerProbe(model, [(layer, "output") for layer in self.kernel_layers])
+        self.probe = LayerProbe(model, [(layer, "output") for layer in self.kernel_layers])
         if _backend.backend() == "tensorflow":
             self._forward_backward = tf.function(self._forward_backward_fn, reduce_retracing=True)
             self._per_example = tf.function(self._per_example_fn, reduce_retracing=True)
@@ -167,7 +169,7 @@ class ScaleProbe:
         with tf.GradientTape() as tape:
             outputs, prediction = self.probe(x, training=False)
             loss = self.loss_fn(y, prediction)
-        stats = [batch_moments(out, _probe.output_axis(layer))
+        stats = [batch_moments(out, output_axis(layer))
                  for layer, out in zip(self.kernel_layers, outputs)]
         return loss, self._gradients(tape, loss), stats, prediction
 
@@ -207,7 +209,7 @@ class ScaleProbe:
             with keras.StatelessScope(state_mapping=mapping):
                 outputs, prediction = self.probe(x, training=False)
                 loss = self.loss_fn(y, prediction)
-            stats = [batch_moments(out, _probe.output_axis(layer))
+            stats = [batch_moments(out, output_axis(layer))
                      for layer, out in zip(self.kernel_layers, outputs)]
             return loss, (stats, prediction)
 
@@ -321,7 +323,7 @@ def _alpha_key(alpha):
     return f"{alpha:g}"
 
 
-class GradientScaleMonitor(_base.StatisticsCallback):
+class GradientScaleMonitor(base.StatisticsCallback):
     """Tracks the scale of activations and gradients during training (Bjorck et al. 2018).
 
     Every `every_n_epochs` epochs (or `every_n_steps` steps), on one fixed evaluation
@@ -372,7 +374,6 @@ class GradientScaleMonitor(_base.StatisticsCallback):
           Normalization.
     """
 
-    prefix = "gs"
     json_name = "gradient_scale.json"
     LAYER_KEYS = ("abs_mean", "var", "conditioning", "grad_norm", "grad_ratio", "grad_max",
                   "kurtosis", "tail5", "alignment")
@@ -395,7 +396,7 @@ class GradientScaleMonitor(_base.StatisticsCallback):
         if not isinstance(data, tuple) or len(data) < 2:
             raise ValueError("`data` must be a tuple `(x, y)` or a tf.data.Dataset of "
                              f"`(x, y)`. Received: data of type {type(data).__name__}")
-        _base.check_data(data, None)
+        base.check_data(data, None)
         self.x, self.y = data[0], data[1]
         self.loss = loss
         self.per_example = per_example
