@@ -4,7 +4,10 @@
 - no module uses another module's private names (`mod._name`, `from mod import _name`);
   private *modules* of a package (`_graph`, `layers._base`) are fine;
 - every `TF_PROXYNORM_*` environment variable is named (parsed) in one module only;
-- only `tf_proxynorm.fused` (and the `python -m` entry points) refers to the compiled library.
+- only `tf_proxynorm.fused` (and the `python -m` entry points) refers to the compiled library;
+- private attributes and modules of Keras and TensorFlow are used in the adapter modules
+  only (`_backend`, `_graph`; `fused` for TensorFlow's, since it imports nothing else of the
+  package).
 """
 
 import ast
@@ -145,3 +148,67 @@ def test_fused_subpackage_depends_on_nothing_else_of_the_package_but_config_and_
     outside = {n for m in MODULES if m.startswith("tf_proxynorm.fused")
                for n in GRAPH[m][1] if not n.startswith("tf_proxynorm.fused")}
     assert outside <= {"tf_proxynorm.config", "tf_proxynorm.version"}, outside
+
+
+# Private APIs of Keras and TensorFlow (from a grep of the package), and the modules allowed
+# to use each: a framework upgrade that changes one of them breaks those modules only.
+# `tf_proxynorm._backend` and `tf_proxynorm._graph` list in their docstrings which they use and
+# why. The fused op's wrapper (`fused/ops.py`, `fused/loader.py`) reads TensorFlow internals
+# behind fallbacks; `fused` imports nothing of the package but config and version, so it
+# cannot go through `_backend`.
+ADAPTERS = {"tf_proxynorm._backend", "tf_proxynorm._graph"}
+FRAMEWORK_PRIVATE = {
+    "_flatten_layers": ADAPTERS,             # Layer: every nested layer
+    "_functional": ADAPTERS,                 # Sequential: its functional model
+    "_nodes_by_depth": ADAPTERS,             # Functional: the graph's nodes
+    "_keras_history": ADAPTERS,              # KerasTensor: the op that made it
+    "_inputs_struct": ADAPTERS,              # Functional: nesting of inputs / outputs
+    "_outputs_struct": ADAPTERS,
+    "_kernel": ADAPTERS,                     # Conv / Dense: the kernel variable
+    "_device_functions_outer_to_inner": {"tf_proxynorm.fused"},   # tf.Graph device scopes
+    "keras.src": ADAPTERS,                   # modules
+    "tensorflow.python": {"tf_proxynorm.fused"},
+}
+
+
+def _framework_private_uses(tree):
+    """The `FRAMEWORK_PRIVATE` names `tree` uses: attributes (`x._kernel`, `getattr(x,
+    "_kernel")`) and imports (`import keras.src.x`, `from tensorflow.python import y`)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            found.update(key for key in FRAMEWORK_PRIVATE
+                         if name == key or ("." in key and name.startswith(key + ".")))
+    return found
+
+
+def test_framework_internals_are_used_in_the_adapter_modules_only():
+    offences = []
+    for module, (tree, _, _, _) in GRAPH.items():
+        for name in sorted(_framework_private_uses(tree)):
+            allowed = FRAMEWORK_PRIVATE[name]
+            if not any(module == m or module.startswith(m + ".") for m in allowed):
+                offences.append(f"{module}: {name} (allowed in {sorted(allowed)})")
+    assert offences == []
+
+
+def test_the_framework_internals_check_can_fail():
+    """The checker sees attribute reads, getattr strings and imports (planted uses)."""
+    planted = ast.parse(
+        "import keras.src.ops\n"
+        "from tensorflow.python.framework import ops\n"
+        "def f(model, conv):\n"
+        "    return model._flatten_layers(), getattr(model, '_nodes_by_depth'), conv._kernel\n")
+    assert _framework_private_uses(planted) == {
+        "keras.src", "tensorflow.python", "_flatten_layers", "_nodes_by_depth", "_kernel"}
+    assert _framework_private_uses(ast.parse("import tensorflow\nx = '_kernel size'")) == set()
