@@ -20,6 +20,11 @@ Everything else here is public API, dispatched on `keras.backend.backend()`:
   (`compile_model_function`: `tf.function` on TensorFlow; `jax.jit` of a pure function of
   the model's variable values, substituted with `keras.StatelessScope`, on JAX; the same
   stateless function, eagerly, elsewhere);
+- the gradients of a model's loss for the gradient statistics, on TensorFlow and JAX
+  (`compile_loss_and_gradients`, `compile_per_example_gradients`,
+  `compile_function_of_weights`: a `tf.GradientTape` in a `tf.function`; `jax.grad` of a
+  pure function of the weights in `jax.jit`, the per-example gradients in one
+  `jax.lax.scan`);
 - tensors in and out: `to_numpy`, and `to_inputs` (TensorFlow tensors, e.g. the elements of
   a `tf.data.Dataset`, as NumPy arrays on the other backends).
 """
@@ -149,3 +154,130 @@ def compile_model_function(fn, model):
 
         run = jax.jit(run)
     return lambda *args: run([v.value for v in variables], *args)
+
+
+# -- gradients of a model's loss (TensorFlow and JAX: the gradient statistics) -----------------
+def compile_loss_and_gradients(fn, model):
+    """`fn(*args) -> (loss, aux)`, a function that calls `model`, compiled into
+    `run(*args) -> (loss, gradients, aux)`: `gradients` of the scalar `loss` with respect to
+    `model.trainable_variables`, in their order (zeros where `loss` does not depend on one).
+
+    TensorFlow: a `tf.GradientTape` in a `tf.function`. JAX: `jax.value_and_grad` of a pure
+    function of the variables' values (substituted with `keras.StatelessScope`) in
+    `jax.jit`, so each call reads the current weights and assigns no variable.
+    """
+    trainable = list(model.trainable_variables)
+    if backend() == "tensorflow":
+        import tensorflow as tf
+
+        def run(*args):
+            with tf.GradientTape() as tape:
+                loss, aux = fn(*args)
+            return loss, _tf_gradients(tape, loss, trainable), aux
+
+        return tf.function(run, reduce_retracing=True)
+    import jax
+
+    def forward_backward(trainable_values, fixed_values, *args):
+        (loss, aux), grads = jax.value_and_grad(_stateless_pure(fn, model), has_aux=True)(
+            trainable_values, fixed_values, *args)
+        return loss, grads, aux
+
+    return _with_values(jax.jit(forward_backward), model)
+
+
+def compile_per_example_gradients(model, loss_fn):
+    """`run(x, y) -> (sum_norms, norms)` over the examples `b` of the batch `(x, y)`, with
+    `g_b` the gradient (float32) of `loss_fn(y_b, model(x_b, training=False))` with respect to
+    each of `model.trainable_variables`: `sum_norms` (V,) the norm of `sum_b g_b` per
+    variable and `norms` (B, V) the norm of each `g_b` (the two sums the per-example
+    gradients are reduced to, instead of B copies of the weights).
+
+    TensorFlow: one `tf.GradientTape` per example in a `tf.function`. JAX: `jax.grad` of
+    `model.stateless_call`, one example per `jax.lax.scan` step, in `jax.jit`.
+    """
+    trainable = list(model.trainable_variables)
+    if backend() == "tensorflow":
+        import tensorflow as tf
+
+        def run(x, y):
+            n = int(keras.tree.flatten(x)[0].shape[0])
+            sums = [tf.zeros(v.shape, tf.float32) for v in trainable]
+            norms = []
+            for b in range(n):
+                example = keras.tree.map_structure(lambda a, b=b: a[b:b + 1], (x, y))
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(example[1], model(example[0], training=False))
+                grads = [tf.cast(g, tf.float32) for g in _tf_gradients(tape, loss, trainable)]
+                sums = [s + g for s, g in zip(sums, grads)]
+                norms.append(tf.stack([tf.norm(g) for g in grads]))
+            return tf.stack([tf.norm(s) for s in sums]), tf.stack(norms)
+
+        return tf.function(run, reduce_retracing=True)
+    import jax
+
+    def example_loss(trainable_values, fixed_values, x, y):
+        prediction, _ = model.stateless_call(trainable_values, fixed_values, x, training=False)
+        return loss_fn(y, prediction)
+
+    def per_example(trainable_values, fixed_values, x, y):
+        grad = jax.grad(example_loss)
+
+        def step(sums, example):
+            xb, yb = jax.tree_util.tree_map(lambda a: a[None], example)
+            grads = [ops.cast(g, "float32") for g in grad(trainable_values, fixed_values, xb, yb)]
+            return [s + g for s, g in zip(sums, grads)], ops.stack([_norm(g) for g in grads])
+
+        zeros = [ops.zeros(v.shape, "float32") for v in trainable_values]
+        sums, norms = jax.lax.scan(step, zeros, (x, y))
+        return ops.stack([_norm(s) for s in sums]), norms
+
+    return _with_values(jax.jit(per_example), model)
+
+
+def compile_function_of_weights(fn, model):
+    """`fn(trainable_values, non_trainable_values, *args)`, a pure function of the values of
+    `model`'s variables (e.g. through `model.stateless_call`), compiled into `run(*args)`
+    that passes their current values: `tf.function` on TensorFlow, `jax.jit` on JAX."""
+    if backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(
+            lambda *args: fn([ops.convert_to_tensor(v) for v in model.trainable_variables],
+                             [ops.convert_to_tensor(v) for v in model.non_trainable_variables],
+                             *args),
+            reduce_retracing=True)
+    import jax
+
+    return _with_values(jax.jit(fn), model)
+
+
+def _tf_gradients(tape, loss, variables):
+    import tensorflow as tf
+
+    grads = tape.gradient(loss, variables)
+    return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+            for g, v in zip(grads, variables)]
+
+
+def _stateless_pure(fn, model):
+    """`fn(*args)` as a pure function `(trainable_values, non_trainable_values, *args)`."""
+    trainable, fixed = list(model.trainable_variables), list(model.non_trainable_variables)
+
+    def pure(trainable_values, fixed_values, *args):
+        mapping = list(zip(trainable, trainable_values)) + list(zip(fixed, fixed_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            return fn(*args)
+
+    return pure
+
+
+def _with_values(run, model):
+    """`run(trainable_values, non_trainable_values, *args)` called on the current values."""
+    trainable, fixed = list(model.trainable_variables), list(model.non_trainable_variables)
+    return lambda *args: run([v.value for v in trainable], [v.value for v in fixed], *args)
+
+
+def _norm(t):
+    """Frobenius norm of a tensor of any rank."""
+    return ops.sqrt(ops.sum(ops.square(t)))
