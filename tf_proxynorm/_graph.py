@@ -128,8 +128,9 @@ class _Rewriter:
         self._clones = {}
 
     def set_output(self, old, new):
-        """Every later consumer of the old tensor `old` gets `new` instead (unless `route`
-        gives it another one); a node's own outputs do not replace it."""
+        """Every later consumer of the old tensor `old` gets `new` (unless `route` gives it
+        another one). Set by `call_node` for its own node's output, it wins over the
+        tensor `call_node` returns."""
         self._outputs[id(old)] = new
 
     def route(self, consumer, old, new):
