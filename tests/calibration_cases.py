@@ -5,13 +5,14 @@ import keras
 import numpy as np
 
 import tf_proxynorm as tfpn
+from tf_proxynorm._backend import all_layers
 
 L = keras.layers
 
 
 def set_statistics(model, x, rng):
     """Random gamma/beta and moving statistics equal to the statistics of `x`'s batch."""
-    for layer in model._flatten_layers():
+    for layer in all_layers(model):
         if isinstance(layer, (L.BatchNormalization, tfpn.BatchNormAct)):
             c = layer.gamma.shape[0]
             layer.gamma.assign(1.0 + 0.3 * rng.standard_normal(c))

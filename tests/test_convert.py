@@ -7,12 +7,13 @@ import pytest
 import reference as R
 import tf_proxynorm as tfpn
 from tf_proxynorm.ops.stats import largest_divisor_at_most
+from tf_proxynorm._backend import all_layers
 
 CONVERTED = (tfpn.GroupNormAct, tfpn.LayerNormAct, tfpn.InstanceNormAct)
 
 
 def _randomize_bn(model, rng):
-    for layer in model._flatten_layers():
+    for layer in all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
             layer.gamma.assign(1.0 + 0.3 * rng.standard_normal(c))
@@ -139,7 +140,7 @@ def test_nested_model_is_converted_recursively(rng):
     assert [s.old for s in report] == ["res/bn1", "res/a1", "res/bn2"]
     inner = new.layers[0]
     assert isinstance(inner.get_layer("bn1"), tfpn.LayerNormAct)
-    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in new._flatten_layers())
+    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in all_layers(new))
     x = rng.standard_normal((2, 6, 6, 8)).astype("float32")
     np.testing.assert_allclose(new(x).numpy(), new.layers[1](inner(x)).numpy(), atol=1e-6)
 
@@ -191,7 +192,7 @@ def test_unknown_norm_raises():
 def _expected_params(model, linear_names, proxy=True):
     """Original count - BN params (4C each) + GN+PN (4C) or scale-only linear norm (C)."""
     total = model.count_params()
-    for layer in model._flatten_layers():
+    for layer in all_layers(model):
         if isinstance(layer, (keras.layers.BatchNormalization, tfpn.BatchNormAct)):
             c = layer.moving_mean.shape[0]
             bn_params = c * (2 + int(layer.center) + int(layer.scale))
@@ -225,7 +226,7 @@ def test_keras_applications(rng, name):
     make, linear = APPLICATIONS[name]
     model = make()(weights=None, input_shape=(64, 64, 3), classes=10, classifier_activation=None)
     new, report = tfpn.convert_model(model, "gn+pn")
-    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in new._flatten_layers())
+    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in all_layers(new))
     assert new.count_params() == _expected_params(model, linear)
     n_bn = sum(isinstance(l, keras.layers.BatchNormalization) for l in model.layers)
     assert sum(" -> " in s.action for s in report) == n_bn

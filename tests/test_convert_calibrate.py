@@ -8,6 +8,7 @@ import tensorflow as tf
 import reference as R
 from calibration_cases import exact_model, permutations, relative_error, set_statistics
 import tf_proxynorm as tfpn
+from tf_proxynorm._backend import all_layers
 from tf_proxynorm.layers.channel_affine import ChannelAffine
 
 L = keras.layers
@@ -184,7 +185,7 @@ def test_keras_applications(name):
     set_statistics(model, x, rng)
     new, report = tfpn.convert_model(model, "gn+pn", groups=8, calibration_data=x)
     errors = [s.error for s in report if s.error is not None]
-    n_bn = sum(isinstance(l, L.BatchNormalization) for l in model._flatten_layers())
+    n_bn = sum(isinstance(l, L.BatchNormalization) for l in all_layers(model))
     assert len(errors) == n_bn + 1 and all(np.isfinite(errors))
     plain, _ = tfpn.convert_model(model, "gn+pn", groups=8)
     # Random weights and 1x1 deep feature maps: GN is far from BN there; still closer.
@@ -203,7 +204,7 @@ def test_keras_hub_resnet_backbone():
     x = rng.standard_normal((24, 16, 16, 3)).astype("float32")
     set_statistics(model, x[:16], rng)
     new, report = tfpn.convert_model(model, "gn+pn", groups=8, calibration_data=x[:16])
-    assert not any(isinstance(l, L.BatchNormalization) for l in new._flatten_layers())
+    assert not any(isinstance(l, L.BatchNormalization) for l in all_layers(new))
     plain, _ = tfpn.convert_model(model, "gn+pn", groups=8)
     held_out = x[16:]
     assert (relative_error(new(held_out), model(held_out))

@@ -7,6 +7,7 @@ import pytest
 import reference as R
 import reference_other as RO
 import tf_proxynorm as tfpn
+from tf_proxynorm._backend import all_layers
 from conftest import random_params, set_params
 from tf_proxynorm.fold import ChannelAffine, ShiftedGroupNormAct
 from tf_proxynorm.layers._base import NormActBase
@@ -57,7 +58,7 @@ def _mixed_model():
 
 
 def _randomize(model, rng):
-    for layer in model._flatten_layers():
+    for layer in all_layers(model):
         if isinstance(layer, NormActBase):
             set_params(layer, random_params(rng, layer.gamma.shape[0]))
         elif getattr(layer, "bias", None) is not None:
@@ -174,7 +175,7 @@ def test_subclassed_model_raises():
 
 
 def _randomize_all(model, rng):
-    for layer in model._flatten_layers():
+    for layer in all_layers(model):
         if isinstance(layer, NormActBase):
             for w in layer.trainable_weights:
                 base = 1.0 if w.name == "gamma" else 0.0
@@ -186,7 +187,7 @@ def _randomize_all(model, rng):
 def _check_fold(model, rng, shape, atol):
     _randomize_all(model, rng)
     folded = tfpn.fold_for_inference(model)
-    assert not any(getattr(l, "proxy_norm", False) for l in folded._flatten_layers())
+    assert not any(getattr(l, "proxy_norm", False) for l in all_layers(folded))
     x = rng.standard_normal((2,) + shape).astype(model.inputs[0].dtype)
     expected = model(x, training=False).numpy()
     np.testing.assert_allclose(folded(x, training=False).numpy(), expected, atol=atol)

@@ -9,6 +9,9 @@
   top-level function is a copy of another, and the group-count rule is written once.
 - loading a cached library imports the read-only `fused.cache`, never the compiler driver
   `fused.build` (imported inside the function that builds).
+- private attributes and modules of Keras and TensorFlow are used in the adapter modules
+  only (`_backend`, `_graph`; `fused` for TensorFlow's, since it imports nothing else of the
+  package).
 """
 
 import ast
@@ -311,3 +314,65 @@ def test_loading_a_cached_library_never_imports_the_compiler_driver():
         reached = _imported_at_import_time(start)
         assert "tf_proxynorm.fused.cache" in reached, start
         assert driver not in reached, start
+# Private APIs of Keras and TensorFlow (from a grep of the package), and the modules allowed
+# to use each: a framework upgrade that changes one of them breaks those modules only.
+# `tf_proxynorm._backend` and `tf_proxynorm._graph` list in their docstrings which they use and
+# why. The fused op's wrapper (`fused/ops.py`, `fused/loader.py`) reads TensorFlow internals
+# behind fallbacks; `fused` imports nothing of the package but config and version, so it
+# cannot go through `_backend`.
+ADAPTERS = {"tf_proxynorm._backend", "tf_proxynorm._graph"}
+FRAMEWORK_PRIVATE = {
+    "_flatten_layers": ADAPTERS,             # Layer: every nested layer
+    "_functional": ADAPTERS,                 # Sequential: its functional model
+    "_nodes_by_depth": ADAPTERS,             # Functional: the graph's nodes
+    "_keras_history": ADAPTERS,              # KerasTensor: the op that made it
+    "_inputs_struct": ADAPTERS,              # Functional: nesting of inputs / outputs
+    "_outputs_struct": ADAPTERS,
+    "_kernel": ADAPTERS,                     # Conv / Dense: the kernel variable
+    "_device_functions_outer_to_inner": {"tf_proxynorm.fused"},   # tf.Graph device scopes
+    "keras.src": ADAPTERS,                   # modules
+    "tensorflow.python": {"tf_proxynorm.fused"},
+}
+
+
+def _framework_private_uses(tree):
+    """The `FRAMEWORK_PRIVATE` names `tree` uses: attributes (`x._kernel`, `getattr(x,
+    "_kernel")`) and imports (`import keras.src.x`, `from tensorflow.python import y`)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            found.update(key for key in FRAMEWORK_PRIVATE
+                         if name == key or ("." in key and name.startswith(key + ".")))
+    return found
+
+
+def test_framework_internals_are_used_in_the_adapter_modules_only():
+    offences = []
+    for module, (tree, _, _, _) in GRAPH.items():
+        for name in sorted(_framework_private_uses(tree)):
+            allowed = FRAMEWORK_PRIVATE[name]
+            if not any(module == m or module.startswith(m + ".") for m in allowed):
+                offences.append(f"{module}: {name} (allowed in {sorted(allowed)})")
+    assert offences == []
+
+
+def test_the_framework_internals_check_can_fail():
+    """The checker sees attribute reads, getattr strings and imports (planted uses)."""
+    planted = ast.parse(
+        "import keras.src.ops\n"
+        "from tensorflow.python.framework import ops\n"
+        "def f(model, conv):\n"
+        "    return model._flatten_layers(), getattr(model, '_nodes_by_depth'), conv._kernel\n")
+    assert _framework_private_uses(planted) == {
+        "keras.src", "tensorflow.python", "_flatten_layers", "_nodes_by_depth", "_kernel"}
+    assert _framework_private_uses(ast.parse("import tensorflow\nx = '_kernel size'")) == set()

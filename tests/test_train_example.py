@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tf_proxynorm._backend import all_layers
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -39,7 +40,7 @@ def _decayed(variable):
 def test_sgd_weight_decay_is_an_l2_loss_on_kernels_and_proxy_parameters_only(rng):
     cfg = _cfg(norm="gn+pn", norm_kwargs='{"groups": 4}', depth=8, weight_decay=0.01)
     model = _small_model(cfg)
-    for layer in model._flatten_layers():
+    for layer in all_layers(model):
         for name in ("proxy_beta", "proxy_gamma", "gamma", "beta"):
             if getattr(layer, name, None) is not None:   # away from their zero/one init
                 getattr(layer, name).assign(rng.standard_normal(getattr(layer, name).shape))

@@ -4,6 +4,22 @@ A `Graph` lists the nodes of a model in execution order and who consumes each te
 `Graph.rebuild` calls a function on every node with the already-rebuilt input tensors and
 makes a new model of the results. Layers that are kept are cloned (`call_clone`), so the new
 model never shares weights with the original.
+
+This module is the one place that reads Keras' functional-graph internals (a Keras upgrade
+that changes them breaks this file only; the other framework internals are in
+`tf_proxynorm._backend`). Private attributes it relies on, and why:
+
+- `Functional._nodes_by_depth`: the nodes of a functional model by depth, the execution
+  order (`is_graph_model` also uses it to tell a functional model from a subclassed one);
+- `Sequential._functional`: the functional model a built Sequential model runs;
+- `Functional._inputs_struct`, `Functional._outputs_struct`: the nesting of the model's
+  inputs and outputs (a dict or list), to give the rebuilt model the same;
+- `KerasTensor._keras_history`: the `InputLayer` of a model input, for its name.
+
+The nodes themselves are Keras' internal `Node` class (not exported by `keras`); its
+unprefixed attributes `operation`, `is_input`, `input_tensors`, `outputs` and `arguments`
+(`fill_in`, `kwargs`) are read here and by the modules that walk a `Graph` (convert, fold,
+absorb, calibrate).
 """
 
 import collections
@@ -35,11 +51,6 @@ def check_graph_model(model, what):
             f"Received: model={model.name!r}")
 
 
-def contains(model, predicate):
-    """Whether any layer nested in `model` (at any depth) satisfies `predicate`."""
-    return any(predicate(layer) for layer in model._flatten_layers(include_self=False))
-
-
 class Graph:
     """The nodes of a functional or Sequential model, in execution order."""
 
@@ -50,53 +61,56 @@ class Graph:
         by_depth = self.functional._nodes_by_depth
         self.nodes = [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]
                       if node.operation is not None and not node.is_input]
-        self.consumers = collections.defaultdict(list)
-        self.calls = collections.Counter()
+        self._consumers = collections.defaultdict(list)
+        self._calls = collections.Counter()
         for node in self.nodes:
-            self.calls[id(node.operation)] += 1
+            self._calls[id(node.operation)] += 1
             for tensor in node.input_tensors:
-                self.consumers[id(tensor)].append(node)
+                self._consumers[id(tensor)].append(node)
         self._output_ids = {id(t) for t in self.functional.outputs}
 
     def num_calls(self, layer):
         """How many times `layer` is called in this graph."""
-        return self.calls[id(layer)]
+        return self._calls[id(layer)]
+
+    def is_output(self, tensor):
+        """Whether `tensor` is an output of the model."""
+        return id(tensor) in self._output_ids
 
     def consumers_of(self, tensor):
-        """The nodes that take `tensor` as input, or None when it is also a model output."""
-        if id(tensor) in self._output_ids:
-            return None
-        return self.consumers[id(tensor)]
+        """The nodes that take `tensor` as input (a list, empty for none; a model output
+        may have consumers too: see `is_output`)."""
+        return list(self._consumers.get(id(tensor), ()))
 
     def only_consumer(self, tensor):
         """The single node consuming `tensor` (and nothing else does, not even the output)."""
         consumers = self.consumers_of(tensor)
-        return consumers[0] if consumers is not None and len(consumers) == 1 else None
+        return consumers[0] if not self.is_output(tensor) and len(consumers) == 1 else None
 
     def rebuild(self, call_node):
         """Builds a new model calling `call_node(node, args, kwargs, rewriter)` on every node.
 
-        `call_node` returns the node's new output tensor(s); it may set
-        `rewriter.outputs[id(old_tensor)]` itself (e.g. to route a node's output elsewhere)
-        and `rewriter.edges[id(consumer_node)][id(old_tensor)]` to give one consumer a
-        different tensor than the others. A Sequential model comes back Sequential.
+        `call_node` returns the node's new output tensor(s); it may call
+        `rewriter.set_output(old_tensor, new_tensor)` itself (e.g. to route a node's output
+        elsewhere) and `rewriter.route(consumer_node, old_tensor, new_tensor)` to give one
+        consumer a different tensor than the others. A Sequential model comes back
+        Sequential.
         """
         rewriter = _Rewriter()
         new_inputs = []
         for x in self.functional.inputs:
             new = keras.Input(batch_shape=x.shape, dtype=x.dtype, sparse=x.sparse,
                               name=x._keras_history.operation.name)
-            rewriter.outputs[id(x)] = new
+            rewriter.set_output(x, new)
             new_inputs.append(new)
         for node in self.nodes:
-            lookup = collections.ChainMap(rewriter.edges.get(id(node), {}), rewriter.outputs)
-            args, kwargs = node.arguments.fill_in(lookup)
+            args, kwargs = node.arguments.fill_in(rewriter.inputs_of(node))
             outputs = call_node(node, args, kwargs, rewriter)
             if outputs is None:
                 continue
             for old, new in zip(node.outputs, keras.tree.flatten(outputs)):
-                rewriter.outputs.setdefault(id(old), new)
-        outputs = [rewriter.outputs[id(t)] for t in self.functional.outputs]
+                rewriter._outputs.setdefault(id(old), new)
+        outputs = [rewriter._outputs[id(t)] for t in self.functional.outputs]
         outputs = keras.tree.pack_sequence_as(self.functional._outputs_struct, outputs)
         inputs = keras.tree.pack_sequence_as(self.functional._inputs_struct, new_inputs)
         functional = keras.Model(inputs, outputs, name=self.model.name)
@@ -106,10 +120,26 @@ class Graph:
 
 
 class _Rewriter:
+    """What `Graph.rebuild` passes to its callback: the new tensor of each old one."""
+
     def __init__(self):
-        self.outputs = {}
-        self.edges = collections.defaultdict(dict)
+        self._outputs = {}                          # id(old tensor) -> new tensor
+        self._edges = collections.defaultdict(dict)  # id(node) -> {id(old): new}
         self._clones = {}
+
+    def set_output(self, old, new):
+        """Every later consumer of the old tensor `old` gets `new` (unless `route` gives it
+        another one). Set by `call_node` for its own node's output, it wins over the
+        tensor `call_node` returns."""
+        self._outputs[id(old)] = new
+
+    def route(self, consumer, old, new):
+        """The node `consumer` (only) gets `new` where its old input was `old`."""
+        self._edges[id(consumer)][id(old)] = new
+
+    def inputs_of(self, node):
+        """`{id(old tensor): new tensor}` as `node` sees it (`route` first)."""
+        return collections.ChainMap(self._edges.get(id(node), {}), self._outputs)
 
     def call_clone(self, layer, args, kwargs, clone=None):
         """Calls the clone of `layer` (made once, so shared layers stay shared) on new inputs.

@@ -66,7 +66,7 @@ def absorbing_branches(graph, tensor, rank, axis):
     `(consumer node, absorbing nodes, bias exact)`; None when some path does not end in
     a layer that can absorb a per-channel affine on `axis`."""
     consumers = graph.consumers_of(tensor)
-    if not consumers:
+    if not consumers or graph.is_output(tensor):
         return None
     branches = []
     for node in consumers:
@@ -90,7 +90,7 @@ def _leaves(graph, node, rank, axis):
     out_rank = len(node.outputs[0].shape)
     out_axis = axis if out_rank == rank else out_rank - 1
     consumers = graph.consumers_of(node.outputs[0])
-    if not consumers:
+    if not consumers or graph.is_output(node.outputs[0]):
         return None
     leaves = []
     for consumer in consumers:

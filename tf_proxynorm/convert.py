@@ -11,7 +11,7 @@ import collections
 
 import keras
 
-from tf_proxynorm import _graph
+from tf_proxynorm import _backend, _graph
 from tf_proxynorm.absorb import absorbing_branches
 from tf_proxynorm.layers.factory import resolve_norm_act
 from tf_proxynorm.layers.norm_act import BatchNormAct, GroupNormAct
@@ -109,9 +109,10 @@ class _Converter:
             return self._absorbing_clone(node, args, kwargs, rewriter)
         if _is_batch_norm(layer):
             return self._replace_bn(node, args, kwargs, rewriter)
-        if _graph.is_graph_model(layer) and _graph.contains(layer, _is_batch_norm):
-            return self._nested_model(layer, args, kwargs, rewriter)
-        if isinstance(layer, keras.layers.Layer) and _graph.contains(layer, _is_batch_norm):
+        if isinstance(layer, keras.layers.Layer) and any(
+                map(_is_batch_norm, _backend.all_layers(layer))):
+            if _graph.is_graph_model(layer):
+                return self._nested_model(layer, args, kwargs, rewriter)
             kind = "nested subclassed model" if isinstance(layer, keras.Model) else "layer"
             raise ValueError(
                 f"convert_model cannot convert the BatchNormalization layers inside the {kind} "
@@ -170,7 +171,7 @@ class _Converter:
             if not self.has_proxy and "proxy_norm" not in self.linear_kwargs:
                 overrides.pop("proxy_norm")
             # An activation that stays a separate layer needs the BN's shift in front of it.
-            consumers = self.graph.consumers[id(node.outputs[0])]
+            consumers = self.graph.consumers_of(node.outputs[0])
             unmerged = [] if "center" in self.linear_kwargs else [
                 c.operation.name for c in consumers if isinstance(c.operation, _ACTIVATION_LAYERS)]
             if unmerged or (self.calibrating and "center" not in self.linear_kwargs):
@@ -238,7 +239,7 @@ class _Converter:
                                                name=f"{new.name}_calibration_shift",
                                                dtype=new.dtype_policy)
                     shifted = pair.shift(outputs)
-                rewriter.edges[id(first)][id(tensor)] = shifted
+                rewriter.route(first, tensor, shifted)
             for target in targets:
                 self._targets[id(target)] = (pair, exact)
                 how = ("scale into kernel, shift into bias" if exact else "scale into kernel, "

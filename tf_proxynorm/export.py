@@ -9,7 +9,7 @@ import os
 import keras
 from tensorflow.core.protobuf import saved_model_pb2
 
-from tf_proxynorm import _graph, config
+from tf_proxynorm import _backend, _graph, config
 from tf_proxynorm.fold import fold_for_inference
 from tf_proxynorm.layers.norm_act import GroupNormAct, ShiftedGroupNormAct
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
@@ -23,7 +23,7 @@ CUSTOM_OP_PREFIX = "TfProxyNorm>"
 def _all_layers_on_reference(model):
     """Sets every layer's `implementation` to "reference" for the block, then restores it."""
     changed = []
-    for layer in model._flatten_layers(include_self=False):
+    for layer in _backend.all_layers(model):
         if getattr(layer, "implementation", None) in ("auto", "fused"):
             changed.append((layer, layer.implementation))
             layer.implementation = "reference"
@@ -114,9 +114,9 @@ def export_saved_model(model, path, fold=True, verbose=False):
             "export_saved_model needs the TensorFlow backend (it traces the model into "
             f"TensorFlow ops and checks the graph). {_OTHER_BACKEND_ROUTE.get(backend, _SAVE_ROUTE)}"
             f"Received: backend={backend!r}")
-    if fold and (_graph.contains(model, is_proxy_layer) or (
-            _graph.is_graph_model(model) and _graph.contains(
-                model, lambda layer: isinstance(layer, (GroupNormAct, ShiftedGroupNormAct))))):
+    layers = _backend.all_layers(model)
+    if fold and (any(map(is_proxy_layer, layers)) or (_graph.is_graph_model(model) and any(
+            isinstance(layer, (GroupNormAct, ShiftedGroupNormAct)) for layer in layers))):
         model = fold_for_inference(model, inference_layers=True)
     with _all_layers_on_reference(model):
         model.export(str(path), format="tf_saved_model", verbose=verbose)

@@ -9,7 +9,7 @@ moves `a` and `b` into the next linear layer's kernel and bias.
 import keras
 import numpy as np
 
-from tf_proxynorm import _graph, absorb
+from tf_proxynorm import _backend, _graph, absorb
 from tf_proxynorm.convert import ConversionStep
 from tf_proxynorm.layers.channel_affine import ChannelAffine
 from tf_proxynorm.layers.inference_norm import HOMOGENEOUS, InferenceGroupNormAct
@@ -56,7 +56,7 @@ class _Folder:
                 self._note(layer.name, layer.name, "replaced by its inference form "
                            "(InferenceGroupNormAct)")
             return self._inference_layers[id(layer)](args[0])
-        if _graph.is_graph_model(layer) and _graph.contains(layer, self._folds):
+        if _graph.is_graph_model(layer) and any(map(self._folds, _backend.all_layers(layer))):
             folded = self._nested.get(id(layer))
             if folded is None:
                 sub = _Folder(prefix=f"{self.prefix}{layer.name}/", inference=self.inference)
@@ -128,7 +128,7 @@ class _Folder:
             if not exact:
                 if shifted is None:
                     shifted = _affine_layer(layer, None, -mean, "proxy_shift")(z)
-                rewriter.edges[id(first)][id(node.outputs[0])] = shifted
+                rewriter.route(first, node.outputs[0], shifted)
             how = ("scale into kernel, shift into bias" if exact else
                    "scale into kernel, shift -m kept in front (zero padding on the way)")
             for target in targets:

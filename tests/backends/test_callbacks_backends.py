@@ -264,7 +264,7 @@ def test_gradient_scale_monitor_every_n_steps_in_fit(rng):
 
 def test_gradient_monitor_names_the_backends_it_supports(monkeypatch):
     """On a backend without gradient support the constructor says which backends work."""
-    from tf_proxynorm.callbacks import _backend
+    from tf_proxynorm import _backend
 
     if GRADIENTS:   # pretend to be on PyTorch
         monkeypatch.setattr(_backend, "backend", lambda: "torch")

@@ -30,6 +30,7 @@ from tf_proxynorm import data
 from tf_proxynorm.fold import ChannelAffine, ShiftedGroupNormAct
 from tf_proxynorm.layers._base import NormActBase
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
+from tf_proxynorm._backend import all_layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 M = tfpn.models
@@ -46,7 +47,7 @@ _PARAMS = (("gamma", 0.3, 1.0), ("beta", 0.3, 0.0), ("proxy_beta", 0.2, 0.0),
 
 def _randomize(model, rng, names=("gamma", "beta", "proxy_beta", "proxy_gamma")):
     """Away from their 1/0 initializers: the per-channel weights `names` of every norm."""
-    for layer in model._flatten_layers():
+    for layer in all_layers(model):
         if isinstance(layer, (NormActBase, L.GroupNormalization, L.BatchNormalization)):
             for name, scale, offset in _PARAMS:
                 weight = getattr(layer, name, None) if name in names else None

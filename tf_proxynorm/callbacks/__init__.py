@@ -14,8 +14,8 @@ TensorFlow, `jax.jit` on JAX, eagerly on PyTorch); the gradient measurements run
 TensorFlow and JAX backends.
 """
 
-from tf_proxynorm.callbacks._probe import (LayerProbe, normalized_output,
-                                           register_normalized_output)
+from tf_proxynorm.callbacks.probe import (LayerProbe, normalized_output,
+                                          register_normalized_output)
 from tf_proxynorm.callbacks.failure_modes import (FailureModeMonitor, PowerProbe,
                                                   power_decomposition)
 from tf_proxynorm.callbacks.grad_scale import GradientScaleMonitor, ScaleProbe, gradient_scale

@@ -10,13 +10,16 @@ variability.
 import math
 import os
 
-from tf_proxynorm.callbacks import _backend, _base, _output, _probe
+from tf_proxynorm import _backend
+from tf_proxynorm.callbacks import _output, base
+from tf_proxynorm.callbacks.probe import (LayerProbe, is_kernel_layer, is_normalization,
+                                          normalized_output, output_axis)
 from tf_proxynorm.callbacks.power import POWER_METRICS, PowerAccumulator, instance_statistics
 
 
 def _select(model, layers, include_convs):
     """`(layer, kind)` pairs in depth order: normalizations, and convolutions if asked."""
-    everything = _probe.all_layers(model)
+    everything = _backend.all_layers(model)
     if layers is not None:
         by_name = {layer.name: layer for layer in everything}
         unknown = [name for name in layers if name not in by_name]
@@ -25,13 +28,13 @@ def _select(model, layers, include_convs):
                              f"{sorted(by_name)}. Received: layers={list(layers)}")
         chosen = [by_name[name] for name in layers]
         for layer in chosen:
-            if not (_probe.is_normalization(layer) or _probe.is_kernel_layer(layer)):
+            if not (is_normalization(layer) or is_kernel_layer(layer)):
                 raise ValueError(f"Layer {layer.name!r} is neither a known normalization nor a "
                                  f"convolution/dense layer. Received: layers={list(layers)}")
     else:
-        chosen = [layer for layer in everything if _probe.is_normalization(layer)
-                  or (include_convs and _probe.is_kernel_layer(layer))]
-    return [(layer, "norm" if _probe.is_normalization(layer) else "conv") for layer in chosen]
+        chosen = [layer for layer in everything if is_normalization(layer)
+                  or (include_convs and is_kernel_layer(layer))]
+    return [(layer, "norm" if is_normalization(layer) else "conv") for layer in chosen]
 
 
 class PowerProbe:
@@ -63,7 +66,7 @@ class PowerProbe:
                 "(tf_proxynorm norm+act layers, Keras BatchNormalization, LayerNormalization, "
                 "GroupNormalization; others via `register_normalized_output`). "
                 f"Received: include_convs={include_convs}, layers={layers}")
-        self.probe = _probe.LayerProbe(
+        self.probe = LayerProbe(
             model, [(layer, "input" if kind == "norm" else "output")
                     for layer, kind in self.selected])
         # tf.function on TensorFlow, jax.jit of the variables' values on JAX, eager else.
@@ -74,9 +77,9 @@ class PowerProbe:
         out = []
         for (layer, kind), value in zip(self.selected, values):
             if kind == "norm":
-                y, axis = _probe.normalized_output(layer, value, training=self.training)
+                y, axis = normalized_output(layer, value, training=self.training)
             else:
-                y, axis = value, _probe.output_axis(layer)
+                y, axis = value, output_axis(layer)
             out.append(instance_statistics(y, axis))
         return out
 
@@ -130,9 +133,9 @@ def power_decomposition(model, data, *, training=False, include_convs=False, lay
     >>> parts = power_decomposition(model, x_eval)
     >>> [(p["name"], round(p["collapse"], 3)) for p in parts]
     """
-    _base.check_data(data, max_batches)
+    base.check_data(data, max_batches)
     probe = PowerProbe(model, training=training, include_convs=include_convs, layers=layers)
-    return probe.measure(_base.batches(data, batch_size, max_batches))
+    return probe.measure(base.batches(data, batch_size, max_batches))
 
 
 def _headline(layers, headline):
@@ -146,7 +149,7 @@ def _headline(layers, headline):
     return summary
 
 
-class FailureModeMonitor(_base.StatisticsCallback):
+class FailureModeMonitor(base.StatisticsCallback):
     """Measures the two failure modes of batch-independent normalization during training.
 
     Every `every_n_epochs` epochs (or `every_n_steps` steps), on a fixed data subset, in
@@ -212,7 +215,6 @@ class FailureModeMonitor(_base.StatisticsCallback):
         - [Labatie et al., 2021](https://arxiv.org/abs/2106.03743), Section 3, Fig. 2.
     """
 
-    prefix = "fm"
     json_name = "failure_modes.json"
     DEFAULT_LOG_KEYS = ()
     # The headline in the logs: (name, metric, reduction over the layers); the worst layer
@@ -226,7 +228,7 @@ class FailureModeMonitor(_base.StatisticsCallback):
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps,
                          at_train_begin=at_train_begin, log_dir=log_dir,
                          tensorboard=tensorboard, plots=plots, log_keys=log_keys)
-        _base.check_data(data, max_batches)
+        base.check_data(data, max_batches)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(
                 f"`batch_size` must be a positive int. Received: batch_size={batch_size}")
@@ -251,7 +253,7 @@ class FailureModeMonitor(_base.StatisticsCallback):
         return key.count("/") == 1 or key.rsplit("/", 1)[-1] in self._keys
 
     def measure(self):
-        layers = self.probe.measure(_base.batches(self.data, self.batch_size, self.max_batches))
+        layers = self.probe.measure(base.batches(self.data, self.batch_size, self.max_batches))
         scalars, histograms = {}, {}
         for layer in layers:
             for metric in POWER_METRICS:

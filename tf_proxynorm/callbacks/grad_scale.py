@@ -25,7 +25,9 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tf_proxynorm.callbacks import _backend, _base, _output, _probe
+from tf_proxynorm import _backend
+from tf_proxynorm.callbacks import _output, base
+from tf_proxynorm.callbacks.probe import LayerProbe, is_kernel_layer, output_axis
 from tf_proxynorm.ops.norm_act import batch_moments
 
 DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)
@@ -97,11 +99,6 @@ def output_concentration(predictions):
     return float(counts.max() / predictions.shape[0])
 
 
-def _norm(t):
-    """Frobenius norm of a tensor of any rank."""
-    return ops.sqrt(ops.sum(ops.square(t)))
-
-
 class ScaleProbe:
     """Runs the M1-M5, M8 measurements of a model on one evaluation batch.
 
@@ -121,7 +118,8 @@ class ScaleProbe:
 
     Backends: TensorFlow (`tf.GradientTape` in `tf.function`s) and JAX (`jax.grad` of
     pure functions of the weights, `model.stateless_call`, in `jax.jit`; the per-example
-    gradients in one `jax.lax.scan`). Other backends raise a `ValueError`.
+    gradients in one `jax.lax.scan`), compiled by `tf_proxynorm._backend`. Other backends
+    raise a `ValueError`.
     """
 
     def __init__(self, model, loss=None, per_example=8, alphas=DEFAULT_ALPHAS):
@@ -139,53 +137,27 @@ class ScaleProbe:
         self.per_example = per_example
         self.alphas = alphas
         self.variables = list(model.trainable_variables)
-        self.fixed_variables = list(model.non_trainable_variables)
-        self.kernel_layers = [layer for layer in _probe.all_layers(model)
-                              if _probe.is_kernel_layer(layer)]
+        self.kernel_layers = [layer for layer in _backend.all_layers(model)
+                              if is_kernel_layer(layer)]
         paths = [v.path for v in self.variables]
         self.kernel_index = [paths.index(layer.kernel.path) if layer.kernel.path in paths else None
                              for layer in self.kernel_layers]
-        self.probe = _probe.LayerProbe(model, [(layer, "output") for layer in self.kernel_layers])
-        if _backend.backend() == "tensorflow":
-            self._forward_backward = tf.function(self._forward_backward_fn, reduce_retracing=True)
-            self._per_example = tf.function(self._per_example_fn, reduce_retracing=True)
-            self._stepped_losses = tf.function(
-                lambda x, y, grads: self._stepped_losses_fn(
-                    [ops.convert_to_tensor(v) for v in self.variables],
-                    [ops.convert_to_tensor(v) for v in self.fixed_variables], x, y, grads),
-                reduce_retracing=True)
-        else:
-            self._jax_functions()
+        self.probe = LayerProbe(model, [(layer, "output") for layer in self.kernel_layers])
+        # The model's calls, compiled per backend by the adapter (tf_proxynorm._backend).
+        self._forward_backward = _backend.compile_loss_and_gradients(
+            self._loss_and_statistics, model)
+        self._per_example = _backend.compile_per_example_gradients(model, self.loss_fn)
+        self._stepped_losses = _backend.compile_function_of_weights(
+            self._stepped_losses_fn, model)
 
-    # -- TensorFlow -----------------------------------------------------------------------
-    def _gradients(self, tape, loss):
-        grads = tape.gradient(loss, self.variables)
-        return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
-                for g, v in zip(grads, self.variables)]
-
-    def _forward_backward_fn(self, x, y):
-        with tf.GradientTape() as tape:
-            outputs, prediction = self.probe(x, training=False)
-            loss = self.loss_fn(y, prediction)
-        stats = [batch_moments(out, _probe.output_axis(layer))
+    def _loss_and_statistics(self, x, y):
+        """The loss, and (M1, M8 moments per kernel layer output, the prediction)."""
+        outputs, prediction = self.probe(x, training=False)
+        loss = self.loss_fn(y, prediction)
+        stats = [batch_moments(out, output_axis(layer))
                  for layer, out in zip(self.kernel_layers, outputs)]
-        return loss, self._gradients(tape, loss), stats, prediction
+        return loss, (stats, prediction)
 
-    def _per_example_fn(self, x, y):
-        """M3 sums: per variable ||sum_b g_b|| (V,), and ||g_b|| per example (B, V)."""
-        n = min(self.per_example, int(keras.tree.flatten(x)[0].shape[0]))
-        sums = [tf.zeros(v.shape, tf.float32) for v in self.variables]
-        norms = []
-        for b in range(n):
-            example = keras.tree.map_structure(lambda a, b=b: a[b:b + 1], (x, y))
-            with tf.GradientTape() as tape:
-                loss = self.loss_fn(example[1], self.model(example[0], training=False))
-            grads = [tf.cast(g, tf.float32) for g in self._gradients(tape, loss)]
-            sums = [s + g for s, g in zip(sums, grads)]
-            norms.append(tf.stack([tf.norm(g) for g in grads]))
-        return tf.stack([tf.norm(s) for s in sums]), tf.stack(norms)
-
-    # -- every backend ---------------------------------------------------------------------
     def _stepped_losses_fn(self, trainable, fixed, x, y, grads):
         """M4 losses L(theta - alpha g) for every alpha, `trainable` and `fixed` the values
         of the model's variables: no variable is assigned."""
@@ -195,60 +167,6 @@ class ScaleProbe:
             prediction, _ = self.model.stateless_call(stepped, fixed, x, training=False)
             losses.append(self.loss_fn(y, prediction))
         return ops.stack(losses)
-
-    # -- JAX --------------------------------------------------------------------------------
-    def _jax_functions(self):
-        """The three measurements as `jax.jit`-compiled pure functions of the weights."""
-        import jax
-
-        def loss_and_aux(trainable, fixed, x, y):
-            mapping = list(zip(self.variables, trainable)) + list(
-                zip(self.fixed_variables, fixed))
-            with keras.StatelessScope(state_mapping=mapping):
-                outputs, prediction = self.probe(x, training=False)
-                loss = self.loss_fn(y, prediction)
-            stats = [batch_moments(out, _probe.output_axis(layer))
-                     for layer, out in zip(self.kernel_layers, outputs)]
-            return loss, (stats, prediction)
-
-        def forward_backward(trainable, fixed, x, y):
-            (loss, (stats, prediction)), grads = jax.value_and_grad(
-                loss_and_aux, has_aux=True)(trainable, fixed, x, y)
-            return loss, grads, stats, prediction
-
-        def example_loss(trainable, fixed, x, y):
-            prediction, _ = self.model.stateless_call(trainable, fixed, x, training=False)
-            return self.loss_fn(y, prediction)
-
-        def per_example(trainable, fixed, x, y):
-            """M3 sums over the examples of `(x, y)`, one example per scan step."""
-            grad = jax.grad(example_loss)
-
-            def step(sums, example):
-                xb, yb = jax.tree_util.tree_map(lambda a: a[None], example)
-                grads = [ops.cast(g, "float32") for g in grad(trainable, fixed, xb, yb)]
-                return ([s + g for s, g in zip(sums, grads)],
-                        ops.stack([_norm(g) for g in grads]))
-
-            zeros = [ops.zeros(v.shape, "float32") for v in trainable]
-            sums, norms = jax.lax.scan(step, zeros, (x, y))
-            return ops.stack([_norm(s) for s in sums]), norms
-
-        compiled = [jax.jit(f) for f in (forward_backward, per_example,
-                                         self._stepped_losses_fn)]
-
-        def with_weights(fn):
-            return lambda *args: fn([v.value for v in self.variables],
-                                    [v.value for v in self.fixed_variables], *args)
-
-        self._forward_backward, per_example_jit, self._stepped_losses = (
-            with_weights(f) for f in compiled)
-
-        def first_examples(x, y):
-            n = min(self.per_example, int(keras.tree.flatten(x)[0].shape[0]))
-            return per_example_jit(*keras.tree.map_structure(lambda a: a[:n], (x, y)))
-
-        self._per_example = first_examples
 
     # -- measurements -----------------------------------------------------------------------
     def relative_loss(self, x, y, grads, loss0):
@@ -266,8 +184,10 @@ class ScaleProbe:
         Returns `(overall, per_variable)`: ||sum_b g_b|| / sum_b ||g_b|| over all the
         trainable weights, and the same per trainable variable (a list).
         """
+        n = min(self.per_example, int(keras.tree.flatten(x)[0].shape[0]))
+        first = keras.tree.map_structure(lambda a: a[:n], (x, y))
         sum_norms, norms = (_backend.to_numpy(t).astype(np.float64)
-                            for t in self._per_example(x, y))
+                            for t in self._per_example(*first))
         overall = _ratio(np.sqrt(np.sum(sum_norms ** 2)),
                          np.sum(np.sqrt(np.sum(norms ** 2, axis=1))))
         return overall, [_ratio(a, b) for a, b in zip(sum_norms, norms.sum(axis=0))]
@@ -276,7 +196,7 @@ class ScaleProbe:
         """`(record, gradients)`: the record described above, and the gradient of every
         trainable variable as NumPy arrays."""
         x, y = _backend.to_inputs((x, y))
-        loss, grads, stats, prediction = self._forward_backward(x, y)
+        loss, grads, (stats, prediction) = self._forward_backward(x, y)
         loss = float(_backend.to_numpy(loss))
         grads_np = [_backend.to_numpy(g) for g in grads]
         per_variable = None
@@ -321,7 +241,7 @@ def _alpha_key(alpha):
     return f"{alpha:g}"
 
 
-class GradientScaleMonitor(_base.StatisticsCallback):
+class GradientScaleMonitor(base.StatisticsCallback):
     """Tracks the scale of activations and gradients during training (Bjorck et al. 2018).
 
     Every `every_n_epochs` epochs (or `every_n_steps` steps), on one fixed evaluation
@@ -372,7 +292,6 @@ class GradientScaleMonitor(_base.StatisticsCallback):
           Normalization.
     """
 
-    prefix = "gs"
     json_name = "gradient_scale.json"
     LAYER_KEYS = ("abs_mean", "var", "conditioning", "grad_norm", "grad_ratio", "grad_max",
                   "kurtosis", "tail5", "alignment")
@@ -395,7 +314,7 @@ class GradientScaleMonitor(_base.StatisticsCallback):
         if not isinstance(data, tuple) or len(data) < 2:
             raise ValueError("`data` must be a tuple `(x, y)` or a tf.data.Dataset of "
                              f"`(x, y)`. Received: data of type {type(data).__name__}")
-        _base.check_data(data, None)
+        base.check_data(data, None)
         self.x, self.y = data[0], data[1]
         self.loss = loss
         self.per_example = per_example

@@ -55,6 +55,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from tf_proxynorm import _backend
 from tf_proxynorm.layers._args import check_bool, check_int
 from tf_proxynorm.layers._base import per_channel_options, serialize_options
 from tf_proxynorm.layers.moving_statistics import MovingStatistics
@@ -70,17 +71,13 @@ _register = keras.saving.register_keras_serializable(package="tf_proxynorm")
 _AFFINE = {"gamma": "ones", "beta": "zeros"}
 
 
-# The backends whose autodiff `_gradient` calls (the compensation needs d var / dW).
-_GRADIENT_BACKENDS = ("tensorflow", "jax", "torch")
-
-
 def _check_cbn_arguments(window_size, rho, burnin_steps, momentum, epsilon):
     """Checks the CBN arguments; returns `(window_size, burnin_steps)` as Python ints."""
     window_size = check_int(
         "window_size", window_size, lambda w: w >= 1,
         "an int >= 1 (the current step and window_size - 1 previous ones)")
     backend = keras.backend.backend()
-    if window_size > 1 and backend not in _GRADIENT_BACKENDS:
+    if window_size > 1 and backend not in _backend.GRADIENT_BACKENDS:
         raise NotImplementedError(
             "CBN with window_size > 1 takes the gradient of its convolution's statistics "
             "with respect to the kernel, which is implemented for the TensorFlow, JAX and "
@@ -94,39 +91,6 @@ def _check_cbn_arguments(window_size, rho, burnin_steps, momentum, epsilon):
     if not epsilon > 0:
         raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
     return window_size, burnin_steps
-
-
-def _gradient(fn, x):
-    """The gradient of the scalar `fn(x)` at `x`, with the backend's own autodiff."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.grad(fn)(x)
-    if backend == "torch":
-        import torch
-
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            return torch.autograd.grad(fn(x), x)[0]
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = fn(x)
-    return tape.gradient(y, x)
-
-
-def _cond(pred, true_fn, false_fn):
-    """`ops.cond`, but a concrete JAX predicate (eager call) runs one branch in Python:
-    `jax.lax.cond` would trace and compile both branches at every eager call."""
-    if keras.backend.backend() == "jax":
-        import jax
-
-        try:
-            concrete = bool(pred)
-        except jax.errors.ConcretizationTypeError:   # traced (jit): a real cond
-            return ops.cond(pred, true_fn, false_fn)
-        return true_fn() if concrete else false_fn()
-    return ops.cond(pred, true_fn, false_fn)
 
 
 @_register
@@ -260,8 +224,8 @@ class CBNConv2D(keras.layers.Conv2D):
         if self.window_size == 1:
             return
         previous, dtype = self.window_size - 1, stats_dtype(self.variable_dtype)
-        kernel_shape = (previous,) + tuple(self._kernel.shape)
-        self._probe_shape = tuple(self._kernel.shape[:-1]) + (self.groups,)
+        kernel_shape = (previous,) + tuple(self.kernel.shape)
+        self._probe_shape = tuple(self.kernel.shape[:-1]) + (self.groups,)
         # "int": int64 on TensorFlow, int32 on JAX (no int64 without x64), as Keras' optimizer.
         self.step = self.add_weight(name="step", shape=(), dtype="int", initializer="zeros",
                                     **state)
@@ -328,7 +292,7 @@ class CBNConv2D(keras.layers.Conv2D):
             kernel = ops.convert_to_tensor(self.kernel)
             x = self._conv(inputs, kernel)
             mean, var = moments(x, self._reduce_axes)
-            variance_grad = lambda: _gradient(  # noqa: E731
+            variance_grad = lambda: _backend.gradient(  # noqa: E731
                 lambda k: ops.sum(moments(self._conv(inputs, k), self._reduce_axes)[1]), kernel)
         self.moving_statistics.update((mean, var))   # the current batch only
         if self.window_size > 1:
@@ -355,7 +319,7 @@ class CBNConv2D(keras.layers.Conv2D):
             out = self.convolution_op(inputs, ops.cast(probe, self.compute_dtype))
             return ops.sum(moments(out, self._reduce_axes)[0])
 
-        return _gradient(probe_mean, ops.zeros(self._probe_shape, self.variable_dtype))
+        return _backend.gradient(probe_mean, ops.zeros(self._probe_shape, self.variable_dtype))
 
     def _window_statistics(self, inputs, variance_grad, kernel, mean, var):
         """Pools the current statistics with the compensated buffers; updates the buffers.
@@ -401,7 +365,7 @@ class CBNConv2D(keras.layers.Conv2D):
         def skipped():
             return [ops.zeros(self._probe_shape, self.variable_dtype), ops.zeros_like(kernel)]
 
-        grads = _cond(active, derivatives, skipped) if self.burnin_steps else derivatives()
+        grads = _backend.cond(active, derivatives, skipped) if self.burnin_steps else derivatives()
         slot = ops.reshape(ops.mod(ops.maximum(since, 0), previous), (1, 1))
         new = {"buffer_mean": mean, "buffer_variance": var, "buffer_mean_grad": grads[0],
                "buffer_variance_grad": grads[1], "buffer_kernel": kernel_now}

@@ -6,10 +6,10 @@ import time
 import warnings
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tf_proxynorm.callbacks import _backend, _output
+from tf_proxynorm import _backend
+from tf_proxynorm.callbacks import _output
 
 
 def _check_frequency(name, value):
@@ -65,7 +65,6 @@ class StatisticsCallback(keras.callbacks.Callback):
     (so History, CSVLogger and the progress bar see them), TensorBoard, a JSON file and
     plots. Subclasses implement `_setup()`, `measure()` and `_plots(records)`."""
 
-    prefix = "stats"
     json_name = "statistics.json"
 
     def __init__(self, every_n_epochs=1, every_n_steps=None, at_train_begin=True, log_dir=None,
@@ -207,7 +206,3 @@ class StatisticsCallback(keras.callbacks.Callback):
                 raise ValueError("`plots=True` needs matplotlib (pip install matplotlib). "
                                  "Received: plots=True")
             self.plot_paths = [p for p in self._plots(self.records) if p]
-
-
-def to_float(value):
-    return float(np.asarray(value))

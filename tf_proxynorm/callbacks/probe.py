@@ -125,14 +125,6 @@ def output_axis(layer):
     return 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
 
 
-def all_layers(model):
-    """Every layer of `model`, nested ones included, in tracking (depth) order."""
-    flatten = getattr(model, "_flatten_layers", None)
-    if flatten is not None:
-        return list(flatten(include_self=False, recursive=True))
-    return list(model.layers)
-
-
 class LayerProbe:
     """Computes, for a batch, the inputs or outputs of chosen layers and the model's output.
 
@@ -143,7 +135,7 @@ class LayerProbe:
 
     Calling `probe(x, training=False)` returns `(values, model_output)`, `values` a list
     aligned with `taps`. Nothing of the model is changed; call it inside a compiled
-    function for speed (`tf.function`, `jax.jit`: see `_backend.compile_model_function`).
+    function for speed (`tf.function`, `jax.jit`: see `tf_proxynorm._backend.compile_model_function`).
     A layer called several times is read at its first call. Works on every backend.
     """
 
