@@ -28,7 +28,7 @@ LAYERS = {
     L.ShiftedGroupNormAct: ({"groups": 2}, ("center", "scale"), {"groups": 2, "axis": -1}),
     L.BatchNormAct: ({}, ("synchronized", "center", "scale"), {"axis": -1}),
     L.ProxyNormAct: ({}, ("center", "scale"), {"axis": -1}),
-    L.ChannelAffine: ({}, ("use_scale", "use_offset"), {"axis": -1}),
+    L.ChannelAffine: ({}, ("center", "scale"), {"axis": -1}),
     L.EvoNormS0: ({}, ("center", "scale"), {"groups": 2, "group_size": 2, "axis": -1}),
     L.EvoNormB0: ({}, ("center", "scale"), {"axis": -1}),
     L.BatchGroupNormalization: ({}, ("synchronized", "center", "scale"),

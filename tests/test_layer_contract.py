@@ -134,7 +134,7 @@ NON_DEFAULT = [
     (L.InstanceNormAct, dict(proxy_norm=True, proxy_epsilon=0.1, gamma_constraint="non_neg")),
     (L.ShiftedGroupNormAct, dict(groups=1, activation="leaky_relu")),
     (L.ProxyNormAct, dict(proxy_epsilon=0.1, scale=False, proxy_gamma_initializer="ones")),
-    (L.ChannelAffine, dict(use_scale=False, axis=1)),
+    (L.ChannelAffine, dict(scale=False, axis=1)),
     (L.BatchNormAct, dict(momentum=0.9, synchronized=True, moving_variance_initializer="zeros")),
     (L.EvoNormS0, dict(group_size=4, v_regularizer="l2")),
     (L.EvoNormB0, dict(momentum=0.8, gamma_initializer="zeros")),

@@ -205,3 +205,30 @@ def test_environment_variable_forces_reference(monkeypatch, rng):
                         lambda *a: pytest.fail("the fused op was consulted"))
     assert tfpn.get_implementation() == "reference"
     tfpn.GroupNormAct(groups=2)(rng.standard_normal((1, 4, 4, 8)).astype("float32"))
+
+
+@pytest.mark.parametrize("use_scale, use_offset", [(True, True), (False, True), (True, False)])
+def test_channel_affine_old_config_loads_to_the_same_weights_and_outputs(
+        rng, use_scale, use_offset):
+    """A `ChannelAffine` config of tf_proxynorm 0.x (`use_scale` / `use_offset`, weights
+    `scale` / `offset`) loads as today's `scale` / `center` layer, the old weight values
+    (in their order, as a `.keras` file loads them) giving the old output."""
+    old_config = {**keras.layers.Layer(name="affine").get_config(), "axis": 1,
+                  "use_scale": use_scale, "use_offset": use_offset, "activation": "relu"}
+    layer = keras.saving.deserialize_keras_object(
+        {"module": "tf_proxynorm.layers.channel_affine", "class_name": "ChannelAffine",
+         "config": old_config, "registered_name": "tf_proxynorm>ChannelAffine"})
+    assert (layer.scale, layer.center) == (use_scale, use_offset)
+    x = rng.standard_normal((2, 3, 4)).astype("float32")
+    layer.build(x.shape)
+    assert [w.name for w in layer.weights] == [n for n, on in (("gamma", use_scale),
+                                                                ("beta", use_offset)) if on]
+    old = {"scale": 1.0 + 0.3 * rng.standard_normal(3), "offset": rng.standard_normal(3)}
+    layer.set_weights([old[n].astype("float32") for n, on in (("scale", use_scale),
+                                                               ("offset", use_offset)) if on])
+    expected = R.affine_act_proxy(x.astype(np.float64), old["scale"] if use_scale else None,
+                                  old["offset"] if use_offset else None, 1, "relu")
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-6, atol=1e-6)
+    new = tfpn.layers.ChannelAffine(axis=1, scale=use_scale, center=use_offset,
+                                    activation="relu", name="affine")
+    assert layer.get_config() == new.get_config()

@@ -165,7 +165,7 @@ def _bn_axis(bn):
 
 
 def _activation(layer, array):
-    out = layer._activation_fn(keras.ops.convert_to_tensor(array.astype(np.float32)))
+    out = layer.affine.activation_fn(keras.ops.convert_to_tensor(array.astype(np.float32)))
     return _numpy(out)
 
 
@@ -252,10 +252,10 @@ def _undo_proxy_affine(pair):
         if new.use_bias:
             _assign(new.bias, bias)
     if pair.shift is not None:          # z + m / s in front of a zero-padded target
-        _assign(pair.shift.offset, mean * inv_std)
+        _assign(pair.shift.beta, mean * inv_std)
     if pair.inverse is not None:        # s * z + m
-        _assign(pair.inverse.scale, std)
-        _assign(pair.inverse.offset, mean)
+        _assign(pair.inverse.gamma, std)
+        _assign(pair.inverse.beta, mean)
 
 
 def calibrate(old_model, new_model, pairs, batches):

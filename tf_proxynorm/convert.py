@@ -235,7 +235,7 @@ class _Converter:
         for first, targets, exact in branches:
             if not exact:
                 if shifted is None:
-                    pair.shift = ChannelAffine(axis=new.axis, use_scale=False,
+                    pair.shift = ChannelAffine(axis=new.axis, scale=False,
                                                name=f"{new.name}_calibration_shift",
                                                dtype=new.dtype_policy)
                     shifted = pair.shift(outputs)

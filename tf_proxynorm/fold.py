@@ -178,10 +178,10 @@ def _without_proxy(layer, offset=None):
         new = ShiftedGroupNormAct.from_config({**config_, "groups": layer.groups})
         pairs = (("gamma", layer.gamma), ("beta", layer.beta), ("offset", offset))
     elif isinstance(layer, ProxyNormAct):
-        new = ChannelAffine(axis=layer.axis, use_scale=layer.scale, use_offset=layer.center,
+        new = ChannelAffine(axis=layer.axis, scale=layer.scale, center=layer.center,
                             activation=layer.activation, name=layer.name,
                             dtype=layer.dtype_policy)
-        pairs = (("scale", layer.gamma), ("offset", layer.beta))
+        pairs = (("gamma", layer.gamma), ("beta", layer.beta))
     else:
         new = type(layer).from_config({**layer.get_config(), "proxy_norm": False})
         pairs = (("gamma", layer.gamma), ("beta", layer.beta))
@@ -218,10 +218,9 @@ def _inference_form(layer, scale=None, offset=None):
 
 def _affine_layer(layer, scale, offset, suffix):
     """A `ChannelAffine` with the given per-channel scale/offset (None: not used)."""
-    new = ChannelAffine(axis=layer.axis, use_scale=scale is not None,
-                        use_offset=offset is not None, name=f"{layer.name}_{suffix}",
-                        dtype=layer.dtype_policy)
-    return _CopyOnFirstCall(new, {k: v for k, v in (("scale", scale), ("offset", offset))
+    new = ChannelAffine(axis=layer.axis, scale=scale is not None, center=offset is not None,
+                        name=f"{layer.name}_{suffix}", dtype=layer.dtype_policy)
+    return _CopyOnFirstCall(new, {k: v for k, v in (("gamma", scale), ("beta", offset))
                                   if v is not None})
 
 

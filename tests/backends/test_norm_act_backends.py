@@ -99,7 +99,7 @@ def reference_forward(case, x, p, groups):
     if kind == "pn":
         return _affine_tf64(x, p.get("gamma"), p.get("beta"), p["proxy_beta"],
                             p["proxy_gamma"], axis=axis, activation=act)
-    return _affine_tf64(x, p.get("scale"), p.get("offset"), None, None, axis=axis,
+    return _affine_tf64(x, p.get("gamma"), p.get("beta"), None, None, axis=axis,
                         activation=act)
 
 
@@ -119,7 +119,7 @@ def numpy_forward(case, x, values, groups):
                                 values.get("moving_variance"))
     if kind == "pn":
         return R.affine_act_proxy(x, g, b, axis, act, proxy)
-    return R.affine_act_proxy(x, values.get("scale"), values.get("offset"), axis, act)
+    return R.affine_act_proxy(x, g, b, axis, act)
 
 
 def reference_gradients(case, x_q, dy_q, values, names, groups):
@@ -224,7 +224,7 @@ def make_layer(c):
         return L.BatchNormAct(**affine, **common)
     if c["kind"] == "pn":
         return L.ProxyNormAct(**affine, **common)
-    return L.ChannelAffine(use_scale=c["scale"], use_offset=c["center"], **common)
+    return L.ChannelAffine(scale=c["scale"], center=c["center"], **common)
 
 
 def _reference_groups(c, channels):
@@ -236,7 +236,7 @@ def randomize(layer, rng):
     """Non-trivial values for every weight of a built layer: `{name: float32 value}`."""
     values = {}
     for weight in layer.weights:
-        if weight.name in ("gamma", "scale"):
+        if weight.name == "gamma":
             value = 1.0 + 0.3 * rng.standard_normal(weight.shape)
         elif weight.name == "moving_variance":
             value = rng.uniform(0.5, 2.0, weight.shape)
@@ -296,8 +296,6 @@ def test_layer_output_and_every_gradient(c):
     names = [w.name for w in layer.trainable_weights]
     expected = {"gamma": c["scale"], "beta": c["center"], "proxy_beta": c["proxy"],
                 "proxy_gamma": c["proxy"]}
-    if c["kind"] == "affine":
-        expected = {"scale": c["scale"], "offset": c["center"]}
     assert {n for n, on in expected.items() if on} <= set(names)
     assert all(w.dtype == "float32" for w in layer.weights)
 

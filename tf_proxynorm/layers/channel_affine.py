@@ -1,76 +1,69 @@
 """`ChannelAffine`: a per-channel affine + activation with no normalization."""
 
 import keras
+from keras import ops
 
-from tf_proxynorm.layers._args import check_bool, check_int
-from tf_proxynorm.ops import activations
-from tf_proxynorm.ops.norm_act import affine_act_proxy
-from tf_proxynorm.ops.stats import channel_axis
+from tf_proxynorm.layers._base import AffineActBase
+from tf_proxynorm.ops.stats import stats_dtype
 
 
 @keras.saving.register_keras_serializable(package="tf_proxynorm")
-class ChannelAffine(keras.layers.Layer):
-    """Per-channel `act(scale * x + offset)`: what remains of a folded layer.
+class ChannelAffine(AffineActBase):
+    """Per-channel `act(gamma * x + beta)`: what remains of a folded layer.
 
     `fold_for_inference` uses it for PN's output affine where no linear layer can absorb
     it, for a per-channel shift in front of a zero-padded convolution, and for a
     `ProxyNormAct` without its proxy step.
 
     ```python
-    y = act(scale_c * x + offset_c)
+    y = act(gamma_c * x + beta_c)
     ```
 
     Args:
         axis: the channel axis. Defaults to -1.
-        use_scale: whether the layer owns a `scale` weight (initialized to ones).
-        use_offset: whether the layer owns an `offset` weight (initialized to zeros).
+        scale: whether the layer owns the multiplier `gamma` (initialized to ones).
+        center: whether the layer owns the offset `beta` (initialized to zeros).
         activation: activation name or callable (see `tf_proxynorm.ops.activations`).
             Defaults to None (identity).
+        {beta,gamma}_initializer, {beta,gamma}_regularizer, {beta,gamma}_constraint:
+            as `GroupNormAct`.
         **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
 
     Call arguments:
         inputs: a tensor with channels on `axis`.
         training: ignored (the layer has no training-specific behavior).
+        mask: optional Keras mask, passed on unchanged.
 
     Returns:
         A tensor of the input's shape in the layer's compute dtype.
 
+    tf_proxynorm 0.x named the arguments `use_scale` / `use_offset` and the weights
+    `scale` / `offset`: `from_config` maps the old arguments, and the weights of an old
+    `.keras` file load in their order (`gamma`, then `beta`).
+
     Example:
 
-    >>> layer = ChannelAffine(use_scale=False)
+    >>> layer = ChannelAffine(scale=False)
     >>> layer(np.ones((2, 3), "float32")).shape
     TensorShape([2, 3])
     """
 
-    def __init__(self, axis=-1, use_scale=True, use_offset=True, activation=None, **kwargs):
-        super().__init__(**kwargs)
-        self.axis = check_int("axis", axis, requirement="an int (the channel axis)")
-        self.use_scale = check_bool("use_scale", use_scale)
-        self.use_offset = check_bool("use_offset", use_offset)
-        self.activation = activation
-        self._activation_fn = activations.get(activation)[1]
-        self.scale = self.offset = None
-        self.supports_masking = True
+    # The 0.x argument names: `from_config` reads them as today's.
+    _renamed_config_keys = {"use_scale": "scale", "use_offset": "center"}
 
-    def build(self, input_shape):
-        axis = channel_axis(len(input_shape), self.axis)
-        channels = input_shape[axis]
-        for name, on, init in (("scale", self.use_scale, "ones"),
-                               ("offset", self.use_offset, "zeros")):
-            if on:
-                setattr(self, name, self.add_weight(name=name, shape=(channels,),
-                                                    initializer=init))
+    def __init__(self, axis=-1, scale=True, center=True, activation=None, **kwargs):
+        super().__init__(activation=activation, axis=axis, center=center, scale=scale,
+                         **kwargs)
+        # The weights hold what `fold_for_inference` computes: in the variable dtype
+        # (float32, also under mixed precision; float64 under a float64 policy, so that a
+        # folded float64 model stays exact).
+        self.affine.dtype = stats_dtype(self.variable_dtype)
 
-    def call(self, inputs, training=None):
-        # `training` is ignored; accepted so that `stateless_call(..., training=...)`
-        # works as for the other norm + activation layers.
-        return affine_act_proxy(inputs, self.scale, self.offset, axis=self.axis,
-                                activation=self._activation_fn)
+    @classmethod
+    def from_config(cls, config):
+        config = {cls._renamed_config_keys.get(k, k): v for k, v in config.items()}
+        return super().from_config(config)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "axis": self.axis, "use_scale": self.use_scale,
-                "use_offset": self.use_offset,
-                "activation": activations.serialize(self.activation)}
+    def _normalize_act(self, inputs, training, mask=None):
+        # Elementwise: a mask changes nothing here; `compute_mask` passes it on.
+        return self.affine.apply(ops.cast(inputs, stats_dtype(self.compute_dtype)))

@@ -57,9 +57,8 @@ from keras import ops
 
 from tf_proxynorm import _backend
 from tf_proxynorm.layers._args import check_bool, check_int
-from tf_proxynorm.layers._base import per_channel_options, serialize_options
+from tf_proxynorm.layers.affine import AffineAct
 from tf_proxynorm.layers.moving_statistics import MovingStatistics
-from tf_proxynorm.ops import activations
 from tf_proxynorm.ops import norm_act as norm_act_ops
 from tf_proxynorm.ops.stats import moments, stats_dtype
 
@@ -68,7 +67,6 @@ CBN_EPSILON = 1e-5
 CBN_MOMENTUM = 0.9
 
 _register = keras.saving.register_keras_serializable(package="tf_proxynorm")
-_AFFINE = {"gamma": "ones", "beta": "zeros"}
 
 
 def _check_cbn_arguments(window_size, rho, burnin_steps, momentum, epsilon):
@@ -189,8 +187,6 @@ class CBNConv2D(keras.layers.Conv2D):
             bias_constraint=bias_constraint, **kwargs)
         window_size, burnin_steps = _check_cbn_arguments(
             window_size, rho, burnin_steps, momentum, epsilon)
-        self.norm_activation_name, self._norm_activation_fn = activations.get(activation)
-        self.norm_activation = activation
         self.window_size = window_size
         self.rho = float(rho)
         self.burnin_steps = burnin_steps
@@ -198,10 +194,12 @@ class CBNConv2D(keras.layers.Conv2D):
             "moving_mean": moving_mean_initializer,
             "moving_variance": moving_variance_initializer})
         self.epsilon = float(epsilon)
-        self.center = check_bool("center", center)
-        self.scale = check_bool("scale", scale)
-        self._affine_options = per_channel_options(locals(), _AFFINE)
-        self.gamma = self.beta = None
+        # The norm's affine and activation (Conv2D's own `activation` stays None).
+        self.affine = AffineAct(
+            self, activation=activation, center=center, scale=scale,
+            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint)
 
     def add_weight(self, *args, **kwargs):
         # The compensation needs the float32 kernel and bias (their changes are small).
@@ -213,13 +211,7 @@ class CBNConv2D(keras.layers.Conv2D):
         super().build(input_shape)
         state = dict(trainable=False, autocast=False)
         channels = (self.filters,)
-        initializers, regularizers, constraints = self._affine_options
-        for name, on in (("gamma", self.scale), ("beta", self.center)):
-            if on:
-                setattr(self, name, self.add_weight(
-                    name=name, shape=channels, initializer=initializers[name],
-                    regularizer=regularizers[name], constraint=constraints[name],
-                    trainable=True, autocast=False, dtype="float32"))
+        self.affine.build(self.filters)
         self.moving_statistics.build(channels)
         if self.window_size == 1:
             return
@@ -255,6 +247,19 @@ class CBNConv2D(keras.layers.Conv2D):
         return self.moving_statistics.momentum
 
     @property
+    def norm_activation(self):
+        """The activation after the normalization (the `activation` argument)."""
+        return self.affine.activation
+
+    @property
+    def center(self):
+        return self.affine.center
+
+    @property
+    def scale(self):
+        return self.affine.scale
+
+    @property
     def _reduce_axes(self):
         return [0, 1, 2] if self.axis == -1 else [0, 2, 3]
 
@@ -279,7 +284,7 @@ class CBNConv2D(keras.layers.Conv2D):
 
     def call(self, inputs, training=None):
         if not self.moving_statistics.uses_batch(training):
-            return self._affine_act(self.normalized_output(inputs))
+            return self.affine.apply(self.normalized_output(inputs))
         if keras.backend.backend() == "tensorflow":
             # The tape of the forward conv gives d var / dW without a second forward pass.
             kernel = tf.convert_to_tensor(self.kernel)
@@ -297,17 +302,11 @@ class CBNConv2D(keras.layers.Conv2D):
         self.moving_statistics.update((mean, var))   # the current batch only
         if self.window_size > 1:
             mean, var = self._window_statistics(inputs, variance_grad, kernel, mean, var)
-        return self._affine_act(self._standardize(x, mean, var))
+        return self.affine.apply(self._standardize(x, mean, var))
 
     def _standardize(self, x, mean, var):
         return norm_act_ops.batch_norm_act(x, mean, var, axis=self.axis, epsilon=self.epsilon,
                                            activation=None)
-
-    def _affine_act(self, y):
-        outputs = norm_act_ops.affine_act_proxy(
-            y, self.gamma, self.beta, axis=self.axis,
-            activation=self.norm_activation_name or self._norm_activation_fn)
-        return ops.cast(outputs, self.compute_dtype)
 
     def _mean_patch(self, inputs):
         """d mean_c / dW[..., c]: the mean input patch of each conv group, (kh, kw, C_in/g, g).
@@ -383,24 +382,14 @@ class CBNConv2D(keras.layers.Conv2D):
     def get_config(self):
         config_ = super().get_config()
         config_.update({
-            "activation": activations.serialize(self.norm_activation),
             "window_size": self.window_size,
             "rho": self.rho,
             "burnin_steps": self.burnin_steps,
             "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
             **self.moving_statistics.config(),
-            **serialize_options(*self._affine_options),
+            **self.affine.config(),       # the norm's `activation` replaces Conv2D's
         })
         return config_
-
-
-# The arguments a CrossIterationBatchNormalization passes on to its CBNConv2D.
-_CBN_ARGS = ("activation", "window_size", "rho", "burnin_steps", "momentum", "epsilon", "center",
-             "scale", "beta_initializer", "gamma_initializer", "moving_mean_initializer",
-             "moving_variance_initializer", "beta_regularizer", "gamma_regularizer",
-             "beta_constraint", "gamma_constraint")
 
 
 @_register
@@ -457,21 +446,20 @@ class CrossIterationBatchNormalization(keras.layers.Layer):
         super().__init__(**kwargs)
         window_size, burnin_steps = _check_cbn_arguments(
             window_size, rho, burnin_steps, momentum, epsilon)
-        center, scale = check_bool("center", center), check_bool("scale", scale)
-        activations.get(activation)  # fail early on an unknown activation
         self.axis = check_int("axis", axis, lambda a: a in (-1, 1, 3),
                               "-1 or 3 (channels_last) or 1 (channels_first)")
-        given = locals()
-        self._cbn = {}
-        for name in _CBN_ARGS:
-            value = given[name]
-            for kind, module in (("initializer", keras.initializers),
-                                 ("regularizer", keras.regularizers),
-                                 ("constraint", keras.constraints)):
-                if name.endswith(kind):
-                    value = module.serialize(module.get(value))
-            self._cbn[name] = value
-        self._cbn["activation"] = activations.serialize(activation)
+        # The arguments of the bound CBNConv2D, parsed (errors raise here) and serialized
+        # by the components it will own.
+        affine = AffineAct(
+            self, activation=activation, center=center, scale=scale,
+            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint)
+        moving_statistics = MovingStatistics(self, momentum=momentum, initializers={
+            "moving_mean": moving_mean_initializer,
+            "moving_variance": moving_variance_initializer})
+        self._cbn = {"window_size": window_size, "rho": rho, "burnin_steps": burnin_steps,
+                     "epsilon": epsilon, **moving_statistics.config(), **affine.config()}
 
     def build(self, input_shape):
         raise ValueError(

@@ -13,7 +13,8 @@ import keras
 from keras import ops
 
 from tf_proxynorm.layers._args import check_int
-from tf_proxynorm.layers._base import NormActBase, per_channel_options, serialize_options
+from tf_proxynorm.layers._base import NormActBase
+from tf_proxynorm.layers.affine import ChannelWeight
 from tf_proxynorm.layers.moving_statistics import MovingStatistics
 from tf_proxynorm.ops import activations
 from tf_proxynorm.ops import norm_act as norm_act_ops
@@ -49,10 +50,15 @@ class _EvoNorm(NormActBase):
         nonlinear = _is_nonlinear(activation)
         # The EvoNorm nonlinearity is the method's own: the affine has no activation.
         super().__init__(activation=None, axis=axis, epsilon=epsilon, **kwargs)
-        self.activation = activation
+        self._evonorm_activation = activation
         self.nonlinear = nonlinear
-        self._v_options = per_channel_options(locals(), ("v",))
+        self._v = ChannelWeight("v", v_initializer, v_regularizer, v_constraint)
         self.v = None
+
+    @property
+    def activation(self):
+        """The `activation` argument (the EvoNorm or the linear form), not the affine's."""
+        return self._evonorm_activation
 
     def build(self, input_shape):
         if len(input_shape) < self._min_rank:
@@ -65,7 +71,7 @@ class _EvoNorm(NormActBase):
         self._broadcast = [1] * len(input_shape)
         self._broadcast[axis] = channels
         if self.nonlinear:
-            self._add_channel_weights(("v",), channels, self._v_options)
+            self._v.build(self, channels)
 
     def _per_channel(self, value, dtype):
         return ops.reshape(ops.cast(value, dtype), self._broadcast)
@@ -81,7 +87,8 @@ class _EvoNorm(NormActBase):
         return self._evonorm(x, training, update, mask)
 
     def get_config(self):
-        return {**super().get_config(), **serialize_options(*self._v_options)}
+        return {**super().get_config(), "activation": activations.serialize(self.activation),
+                **self._v.config()}
 
 
 _ARGS_DOC = """

@@ -3,14 +3,13 @@
 import keras
 from keras import ops
 
-from tf_proxynorm.layers._base import per_channel_options, serialize_options
+from tf_proxynorm.layers.affine import ChannelWeight
 from tf_proxynorm.layers.norm_act import BatchNormAct
 from tf_proxynorm.ops.masked import expand_mask
 from tf_proxynorm.ops.stats import channel_axis, moments
 
 IEBN_EPSILON = 1e-5
 IEBN_MOMENTUM = 0.9
-_GATE_WEIGHTS = ("gate_weight", "gate_bias")
 
 
 @keras.saving.register_keras_serializable(package="tf_proxynorm")
@@ -76,9 +75,11 @@ class InstanceEnhancementBatchNormalization(BatchNormAct):
                  gate_weight_constraint=None, gate_bias_constraint=None, **kwargs):
         super().__init__(activation=activation, axis=axis, momentum=momentum, epsilon=epsilon,
                          **kwargs)
-        self._gate_options = per_channel_options(
-            {**locals(), "gate_weight_initializer": _constant(gate_weight_initializer),
-             "gate_bias_initializer": _constant(gate_bias_initializer)}, _GATE_WEIGHTS)
+        self._gate = (
+            ChannelWeight("gate_weight", _constant(gate_weight_initializer),
+                          gate_weight_regularizer, gate_weight_constraint),
+            ChannelWeight("gate_bias", _constant(gate_bias_initializer),
+                          gate_bias_regularizer, gate_bias_constraint))
         self.gate_weight = self.gate_bias = None
 
     def build(self, input_shape):
@@ -90,7 +91,8 @@ class InstanceEnhancementBatchNormalization(BatchNormAct):
         axis, channels = self._channels(input_shape)
         self._broadcast = [1] * len(input_shape)
         self._broadcast[axis] = channels
-        self._add_channel_weights(_GATE_WEIGHTS, channels, self._gate_options)
+        for weight in self._gate:
+            weight.build(self, channels)
 
     def _normalize_act(self, inputs, training, mask=None):
         rank = len(inputs.shape)
@@ -103,10 +105,13 @@ class InstanceEnhancementBatchNormalization(BatchNormAct):
         weight, bias = (ops.reshape(ops.cast(w, pooled.dtype), self._broadcast)
                         for w in (self.gate_weight, self.gate_bias))
         gate = ops.sigmoid(weight * pooled + bias)
-        return self._affine_act(x_hat * ops.cast(gate, x_hat.dtype))
+        return self.affine.apply(x_hat * ops.cast(gate, x_hat.dtype))
 
     def get_config(self):
-        return {**super().get_config(), **serialize_options(*self._gate_options)}
+        config_ = super().get_config()
+        for weight in self._gate:
+            config_.update(weight.config())
+        return config_
 
 
 def _constant(initializer):

@@ -7,10 +7,11 @@ from tf_proxynorm import config, fused
 from tf_proxynorm.layers._args import check_bool, check_int
 from tf_proxynorm.layers._base import NormActBase
 from tf_proxynorm.layers.moving_statistics import MovingStatistics
-from tf_proxynorm.layers.proxy_norm_act import ProxyNormMixin
+from tf_proxynorm.layers.proxy_norm_act import ProxyNorm
 from tf_proxynorm.ops import masked
 from tf_proxynorm.ops import norm_act as norm_act_ops
 from tf_proxynorm.ops.group_norm import group_norm_act_reference
+from tf_proxynorm.ops.proxy import PROXY_EPSILON
 
 _register = keras.saving.register_keras_serializable(package="tf_proxynorm")
 
@@ -91,7 +92,7 @@ class _GroupNormAct(NormActBase):
                        for w in (self.gamma, self.beta))
         return norm_act_ops.group_norm_act(
             inputs, gamma, beta, groups=self._groups, axis=self.axis,
-            epsilon=self.epsilon, activation=self._act_arg(), proxy_mean=step_mean,
+            epsilon=self.epsilon, activation=self.affine.op_activation, proxy_mean=step_mean,
             proxy_inv_std=step_inv_std, implementation=self.implementation, mask=mask)
 
     def get_config(self):
@@ -100,7 +101,7 @@ class _GroupNormAct(NormActBase):
 
 
 @_register
-class GroupNormAct(ProxyNormMixin, _GroupNormAct):
+class GroupNormAct(_GroupNormAct):
     """Group Normalization + per-channel affine + activation, with optional Proxy Norm.
 
     Statistics are computed per example over the positions and the channels of each of
@@ -145,15 +146,42 @@ class GroupNormAct(ProxyNormMixin, _GroupNormAct):
     TensorShape([2, 8, 8, 16])
     """
 
-    def __init__(self, groups=32, activation="relu", proxy_norm=False, axis=-1, **kwargs):
-        self.proxy_norm = check_bool("proxy_norm", proxy_norm)
+    def __init__(self, groups=32, activation="relu", proxy_norm=False, axis=-1,
+                 proxy_epsilon=PROXY_EPSILON, proxy_beta_initializer="zeros",
+                 proxy_gamma_initializer="zeros", proxy_beta_regularizer=None,
+                 proxy_gamma_regularizer=None, proxy_beta_constraint=None,
+                 proxy_gamma_constraint=None, **kwargs):
         super().__init__(groups=groups, activation=activation, axis=axis, **kwargs)
+        self.proxy = ProxyNorm(
+            self.affine, enabled=check_bool("proxy_norm", proxy_norm),
+            proxy_epsilon=proxy_epsilon, proxy_beta_initializer=proxy_beta_initializer,
+            proxy_gamma_initializer=proxy_gamma_initializer,
+            proxy_beta_regularizer=proxy_beta_regularizer,
+            proxy_gamma_regularizer=proxy_gamma_regularizer,
+            proxy_beta_constraint=proxy_beta_constraint,
+            proxy_gamma_constraint=proxy_gamma_constraint)
+
+    @property
+    def proxy_norm(self):
+        return self.proxy.enabled
+
+    @property
+    def proxy_epsilon(self):
+        return self.proxy.epsilon
+
+    def proxy_statistics(self):
+        """Per-channel `(proxy_mean, proxy_inv_std)` of the proxy step, or `(None, None)`."""
+        return self.proxy.statistics()
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.proxy.build(self._channels(input_shape)[1])
 
     def _output_step(self):
-        return self.proxy_statistics()
+        return self.proxy.statistics()
 
     def get_config(self):
-        return {**super().get_config(), "proxy_norm": self.proxy_norm}
+        return {**super().get_config(), "proxy_norm": self.proxy_norm, **self.proxy.config()}
 
 
 GroupNormAct.__doc__ = GroupNormAct.__doc__.replace("{common}", _COMMON_ARGS_DOC)
