@@ -15,8 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import compare_norms  # noqa: E402
-
-from tf_proxynorm import data  # noqa: E402
+import data  # noqa: E402  (examples/data.py)
 
 
 def _args(tmp_path, *extra):

@@ -2,12 +2,16 @@
 synthetic data, augmentation, determinism."""
 
 import gzip
+import os
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_proxynorm import data
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "examples"))
+import data  # noqa: E402  (examples/data.py)
 
 
 def _write_idx(path, array):

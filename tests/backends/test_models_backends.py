@@ -26,12 +26,13 @@ import reference as R
 import reference_other as RO
 from backend_helpers import BACKEND, JIT_COMPILE
 import tf_proxynorm as tfpn
-from tf_proxynorm import data
 from tf_proxynorm.fold import ChannelAffine, ShiftedGroupNormAct
 from tf_proxynorm.layers._base import NormActBase
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "examples"))
+import data  # noqa: E402  (examples/data.py: synthetic_arrays)
 M = tfpn.models
 L = keras.layers
 
