@@ -224,7 +224,7 @@ def study_config(args):
 
 
 def config_hash(args):
-    from tf_proxynorm.data import FASHION_MNIST_DIR
+    from data import FASHION_MNIST_DIR
 
     config = study_config(args)
     if args.data_dir and os.path.realpath(args.data_dir) != os.path.realpath(FASHION_MNIST_DIR):
@@ -437,7 +437,7 @@ def load_data(args):
     import numpy as np
     import tensorflow as tf
 
-    from tf_proxynorm import data
+    import data
 
     train, test, info = data.load(args.dataset, args.data_dir)
     if args.train_subset and args.train_subset < info.num_train:
@@ -482,7 +482,7 @@ def train_one(args, norm, batch_size, seed, datasets):
     import keras
     import tensorflow as tf
 
-    from tf_proxynorm import data
+    import data
 
     train_src, test_src, info = datasets
     tf.get_logger().setLevel("ERROR")  # one model per run: retracing warnings are expected

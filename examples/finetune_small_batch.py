@@ -107,7 +107,7 @@ def config_hash(args, keys=PRETRAIN_KEYS + ("finetune_steps", "finetune_lr", "te
 # -- data ------------------------------------------------------------------------------------
 def load_tasks(args):
     """`{"a": (train x, y, test x, y), "b": ...}`, images standardized, labels 0-4."""
-    from tf_proxynorm import data
+    import data
 
     if args.smoke:
         x, y = data.synthetic_arrays(2 * args.pretrain_images + 2 * args.test_images, seed=0)

@@ -22,7 +22,8 @@ from absl import app, flags, logging
 from keras import ops
 
 import tf_proxynorm as tfpn
-from tf_proxynorm import data
+
+import data  # examples/data.py: the datasets and their tf.data pipelines
 
 FLAGS = flags.FLAGS
 MODELS = ("cifar_resnet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",

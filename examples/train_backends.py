@@ -23,7 +23,8 @@ import keras
 import numpy as np
 
 import tf_proxynorm as tfpn
-from tf_proxynorm import data
+
+import data  # examples/data.py: the datasets and their tf.data pipelines
 
 
 def parse_args(argv=None):

@@ -40,7 +40,8 @@ def proxy_moments(gamma, beta, proxy_beta, proxy_gamma, activation="relu", n=PRO
     return u.mean(0), u.var(0)
 
 
-def _bshape(rank, axis):
+def channel_shape(rank, axis):
+    """The shape a per-channel vector takes to broadcast along `axis` of a rank-`rank` tensor."""
     shape = [1] * rank
     shape[axis] = -1
     return shape
@@ -56,7 +57,7 @@ def affine_act_proxy(y, gamma, beta, axis, activation, proxy=None, proxy_epsilon
     c = y.shape[axis]
     gamma = np.ones(c) if gamma is None else np.asarray(gamma, np.float64)
     beta = np.zeros(c) if beta is None else np.asarray(beta, np.float64)
-    s = _bshape(y.ndim, axis)
+    s = channel_shape(y.ndim, axis)
     h = act(activation, gamma.reshape(s) * y + beta.reshape(s))
     if proxy is None:
         return h
@@ -92,6 +93,6 @@ def batch_norm_act(x, axis=-1, epsilon=1e-3, activation="relu", gamma=None, beta
     red = tuple(a for a in range(x.ndim) if a != axis)
     if mean is None:
         mean, var = x.mean(red), x.var(red)
-    s = _bshape(x.ndim, axis)
+    s = channel_shape(x.ndim, axis)
     y = (x - np.reshape(mean, s)) / np.sqrt(np.reshape(var, s) + epsilon)
     return affine_act_proxy(y, gamma, beta, axis, activation)

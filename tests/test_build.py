@@ -179,7 +179,7 @@ LOAD_ONLY_SCRIPT = """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out["no_build"] = dict(reason=fused.attempt_load().reason,
-                               described=cache.describe()["reason"])
+                               described=cache.describe_files()["reason"])
     out["build_imported"] = "tf_proxynorm.fused.build" in sys.modules
     print(json.dumps(out))
 """

@@ -1,7 +1,6 @@
 """The accuracy study script (examples/compare_norms.py): plan, resumable CSV, report, smoke run."""
 
 import csv
-import gzip
 import importlib.util
 import os
 import re
@@ -15,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import compare_norms  # noqa: E402
-
-from tf_proxynorm import data  # noqa: E402
+import data  # noqa: E402  (examples/data.py)
+from helpers import write_idx  # noqa: E402
 
 
 def _args(tmp_path, *extra):
@@ -34,15 +33,6 @@ def _row(args, norm, batch_size, seed, accuracy, seconds=10.0):
             "train_cpu_seconds": seconds / 2, "eval_seconds": 1.0, "load_average": 4.0,
             "seconds_per_epoch": seconds / args.epochs, "cpu": "test cpu", "nproc": 2,
             "tf_version": "2.x", "keras_version": "3.x", "finished_at": "2026-01-01T00:00:00"}
-
-
-def _write_idx(path, array):
-    """IDX (the MNIST format) written from its definition: 0, 0, type 0x08, ndim, big-endian
-    dims, then the uint8 values."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
 # -- plan ----------------------------------------------------------------------------------
@@ -243,8 +233,8 @@ def data_dir(tmp_path):
     folder.mkdir()
     for prefix, count, seed in (("train", 512, 0), ("t10k", 256, 1)):
         images, labels = data.synthetic_arrays(count, seed=seed)
-        _write_idx(str(folder / f"{prefix}-images-idx3-ubyte.gz"), images[..., 0])
-        _write_idx(str(folder / f"{prefix}-labels-idx1-ubyte.gz"), labels)
+        write_idx(str(folder / f"{prefix}-images-idx3-ubyte.gz"), images[..., 0])
+        write_idx(str(folder / f"{prefix}-labels-idx1-ubyte.gz"), labels)
     return str(folder)
 
 

@@ -6,18 +6,10 @@ import pytest
 
 import reference as R
 import tf_proxynorm as tfpn
+from helpers import randomize_norm_weights
 from tf_proxynorm.ops.stats import largest_divisor_at_most
-from tf_proxynorm._backend import all_layers
 
 CONVERTED = (tfpn.GroupNormAct, tfpn.LayerNormAct, tfpn.InstanceNormAct)
-
-
-def _randomize_bn(model, rng):
-    for layer in all_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = layer.gamma.shape[0]
-            layer.gamma.assign(1.0 + 0.3 * rng.standard_normal(c))
-            layer.beta.assign(0.3 * rng.standard_normal(c))
 
 
 def _residual_model():
@@ -40,7 +32,7 @@ def _output_of(model, name):
 
 def test_residual_model_numerics_and_report(rng):
     model = _residual_model()
-    _randomize_bn(model, rng)
+    randomize_norm_weights(model, rng, types=keras.layers.BatchNormalization)
     new, report = tfpn.convert_model(model, "gn+pn", groups=4)
     assert [s.old for s in report] == ["bn1", "a1", "bn2"]
     assert [s.new for s in report] == ["bn1", "bn1", "bn2"]
@@ -85,7 +77,7 @@ def test_sequential_relu_variants_and_options(rng):
         keras.layers.Conv2D(6, 1, name="c2"), keras.layers.BatchNormalization(name="bn2"),
         keras.layers.ReLU(threshold=0.5, name="rt"),
         keras.layers.Flatten(name="flat"), keras.layers.Dense(2, name="fc")], name="seq")
-    _randomize_bn(model, rng)
+    randomize_norm_weights(model, rng, types=keras.layers.BatchNormalization)
     new, report = tfpn.convert_model(model, "gn+pn", copy_affine=False, groups=4)
     assert isinstance(new, keras.Sequential) and new.name == "seq"
     assert [l.name for l in new.layers] == ["c1", "bn1", "c2", "bn2", "rt", "flat", "fc"]
@@ -117,7 +109,7 @@ def _fan_out_model():
 @pytest.mark.parametrize("linear_kwargs, center", [(None, True), ({"center": False}, False)])
 def test_activation_that_cannot_merge_keeps_the_shift(rng, linear_kwargs, center):
     model = _fan_out_model()
-    _randomize_bn(model, rng)
+    randomize_norm_weights(model, rng, types=keras.layers.BatchNormalization)
     new, report = tfpn.convert_model(model, "gn+pn", groups=2, linear_kwargs=linear_kwargs)
     assert [(s.old, s.new) for s in report] == [("bn", "bn")]
     assert ("relu stays a separate layer" in report[0].action) == center

@@ -1,24 +1,17 @@
 """Data sources and pipelines: IDX reader, Fashion-MNIST, TFDS (mocked, never downloaded),
 synthetic data, augmentation, determinism."""
 
-import gzip
+import os
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_proxynorm import data
-
-
-def _write_idx(path, array):
-    """IDX as documented on yann.lecun.com/exdb/mnist: 0, 0, type, ndim, big-endian dims."""
-    codes = {np.uint8: 0x08, np.int32: 0x0C}
-    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    raw = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(raw)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "examples"))
+import data  # noqa: E402  (examples/data.py)
+from helpers import write_idx  # noqa: E402
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
@@ -26,7 +19,7 @@ def _write_idx(path, array):
 def test_read_idx(tmp_path, rng, suffix, dtype):
     array = rng.integers(0, 200, (3, 5, 4)).astype(dtype)
     path = str(tmp_path / f"a-idx3{suffix}")
-    _write_idx(path, array)
+    write_idx(path, array, dtype)
     got = data.read_idx(path)
     assert got.shape == (3, 5, 4)
     np.testing.assert_array_equal(got, array)
@@ -45,8 +38,8 @@ def _fake_fashion_mnist(folder, rng, n_train=12, n_test=5):
         x = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
         y = rng.integers(0, 10, n).astype(np.uint8)
         ext = ".gz" if gz else ""
-        _write_idx(str(folder / f"{split}-images-idx3-ubyte{ext}"), x)
-        _write_idx(str(folder / f"{split}-labels-idx1-ubyte{ext}"), y)
+        write_idx(str(folder / f"{split}-images-idx3-ubyte{ext}"), x)
+        write_idx(str(folder / f"{split}-labels-idx1-ubyte{ext}"), y)
         arrays[split] = (x, y)
     return arrays
 

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import reference_other as RO
 import tf_proxynorm as tfpn
+from conftest import set_params
 
 SHAPES = {2: (6, 48), 3: (3, 7, 48), 4: (2, 5, 3, 48)}
 
@@ -21,11 +22,6 @@ def _params(rng, c, v=True):
     if v:
         p["v"] = 1.0 + 0.5 * rng.standard_normal(c)
     return {k: val.astype("float32") for k, val in p.items()}
-
-
-def _set(layer, params):
-    for name, value in params.items():
-        getattr(layer, name).assign(value)
 
 
 # ---- S0 --------------------------------------------------------------------------------
@@ -43,7 +39,7 @@ def test_s0_matches_reference(rng, rank, axis, kwargs, groups):
     assert layer._groups == groups == (RO.official_groups(48, kwargs.get("groups", 32))
                                        if "group_size" not in kwargs else 6)
     params = _params(rng, 48)
-    _set(layer, params)
+    set_params(layer, params)
     ref = RO.evonorm_s0(x, groups, axis, **params)
     for training in (True, False):  # batch-independent: same function in both modes
         np.testing.assert_allclose(layer(x, training=training).numpy(), ref, atol=2e-5, rtol=1e-5)
@@ -53,7 +49,7 @@ def test_s0_is_batch_independent(rng):
     x = _input(rng, 4, -1)
     layer = tfpn.EvoNormS0(groups=8)
     layer.build(x.shape)
-    _set(layer, _params(rng, 48))
+    set_params(layer, _params(rng, 48))
     batch = layer(x, training=True).numpy()
     alone = np.concatenate([layer(x[i:i + 1], training=True).numpy() for i in range(len(x))])
     np.testing.assert_allclose(alone, batch, atol=1e-6)
@@ -75,7 +71,7 @@ def test_b0_training_inference_and_moving_variance(rng, rank, axis):
     layer = tfpn.EvoNormB0(axis=axis)
     layer.build(x.shape)
     params = _params(rng, 48)
-    _set(layer, params)
+    set_params(layer, params)
     expected_mv = np.ones(48)
     for step in range(2):
         xs = x * (1 + step)
@@ -137,7 +133,7 @@ def test_linear_form_is_the_affine_only(rng, cls):
     layer.build(x.shape)
     assert [w.name for w in layer.weights] == ["gamma", "beta"]
     params = _params(rng, 48, v=False)
-    _set(layer, params)
+    set_params(layer, params)
     np.testing.assert_allclose(layer(x, training=True).numpy(),
                                x * params["gamma"] + params["beta"], atol=1e-5)
 
@@ -161,7 +157,7 @@ def test_gradients_match_reference_finite_differences(rng, name):
     layer = (tfpn.EvoNormS0(groups=2, dtype="float64") if name == "s0"
              else tfpn.EvoNormB0(dtype="float64"))
     layer.build(x.shape)
-    _set(layer, params)
+    set_params(layer, params)
     r = rng.standard_normal(x.shape)
 
     def ref_loss(x_, p):

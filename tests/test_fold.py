@@ -9,6 +9,7 @@ import reference_other as RO
 import tf_proxynorm as tfpn
 from tf_proxynorm._backend import all_layers
 from conftest import random_params, set_params
+from helpers import randomize_norm_weights
 from tf_proxynorm.fold import ChannelAffine, ShiftedGroupNormAct
 from tf_proxynorm.layers._base import NormActBase
 
@@ -57,14 +58,6 @@ def _mixed_model():
     return keras.Model(inputs, L.Dense(3, name="fc")(x))
 
 
-def _randomize(model, rng):
-    for layer in all_layers(model):
-        if isinstance(layer, NormActBase):
-            set_params(layer, random_params(rng, layer.gamma.shape[0]))
-        elif getattr(layer, "bias", None) is not None:
-            layer.bias.assign(0.2 * rng.standard_normal(layer.bias.shape))
-
-
 def _mixed_reference(model, x):
     y = _conv(x, *_weights(model, "c0"))
     y = _conv(_pn(model, "n0", y, 2, "relu"), *_weights(model, "c1"), padding="valid")
@@ -79,7 +72,7 @@ def _mixed_reference(model, x):
 
 def test_mixed_model_matches_numpy_reference(rng, implementation):
     model = _mixed_model()
-    _randomize(model, rng)
+    randomize_norm_weights(model, rng, bias_std=0.2)
     x = rng.standard_normal((3, 6, 6, 4)).astype("float32")
     ref = _mixed_reference(model, x)
     folded, report = tfpn.fold_for_inference(model, return_report=True)
@@ -144,7 +137,7 @@ def test_branches_with_and_without_padding(rng):
     x = tfpn.GroupNormAct(groups=4, proxy_norm=True, activation="leaky_relu", name="n")(inputs)
     y = L.Add()([L.Conv2D(4, 1, name="c1")(x), L.Conv2D(4, 3, padding="same", name="c3")(x)])
     model = keras.Model(inputs, y)
-    _randomize(model, rng)
+    randomize_norm_weights(model, rng, bias_std=0.2)
     folded = tfpn.fold_for_inference(model)
     assert isinstance(folded.get_layer("n"), tfpn.GroupNormAct)
     assert isinstance(folded.get_layer("n_proxy_shift"), ChannelAffine)
@@ -156,7 +149,7 @@ def test_branches_with_and_without_padding(rng):
 
 def test_folded_model_keras_round_trip(rng, tmp_path):
     model = _mixed_model()
-    _randomize(model, rng)
+    randomize_norm_weights(model, rng, bias_std=0.2)
     folded = tfpn.fold_for_inference(model)
     path = str(tmp_path / "folded.keras")
     folded.save(path)

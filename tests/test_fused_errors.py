@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import reference_fused as RF
 import tf_proxynorm as tfpn
 from conftest import require_fused
-from test_fused_op import TOL, assert_close, quantize
+from helpers import assert_close
+from test_fused_op import TOL, quantize
 
 C = 6
 

@@ -16,6 +16,7 @@ import reference as R
 import reference_fused as RF
 import tf_proxynorm as tfpn
 from conftest import require_fused
+from helpers import assert_close
 
 FACTORS = {
     "groups": ["1", "2", "32", "C"],
@@ -87,16 +88,6 @@ def quantize(values, dtype):
     """`values` rounded to `dtype` (as a tensor of that dtype) and back as float64 NumPy."""
     t = tf.cast(tf.constant(np.asarray(values, np.float32)), dtype)
     return t, tf.cast(t, tf.float64).numpy()
-
-
-def assert_close(actual, expected, tol, what):
-    actual = np.asarray(tf.cast(actual, tf.float64) if tf.is_tensor(actual) else actual,
-                        np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    finite = expected[np.isfinite(expected)]
-    scale = max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 @pytest.fixture(scope="module")

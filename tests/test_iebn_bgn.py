@@ -9,6 +9,7 @@ import tensorflow as tf
 import reference as R
 import reference_other as RO
 import tf_proxynorm as tfpn
+from conftest import set_params
 
 C = 8
 
@@ -24,11 +25,6 @@ def _params(rng, names, c=C):
     return {n: (base[n][0] + base[n][1] * rng.standard_normal(c)).astype("float32") for n in names}
 
 
-def _set(layer, params):
-    for name, value in params.items():
-        getattr(layer, name).assign(value)
-
-
 # ---- IEBN ------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape, axis", [((4, 5, C), -1), ((4, C, 5), 1), ((3, 4, 5, C), -1),
                                          ((3, C, 4, 5), 1), ((2, 3, 2, 3, C), -1)])
@@ -38,7 +34,7 @@ def test_iebn_matches_reference(rng, shape, axis, activation):
     layer = tfpn.InstanceEnhancementBatchNormalization(activation=activation, axis=axis)
     layer.build(x.shape)
     params = _params(rng, ["gamma", "beta", "gate_weight", "gate_bias"])
-    _set(layer, params)
+    set_params(layer, params)
     p = dict(w=params["gate_weight"], b=params["gate_bias"], gamma=params["gamma"],
              beta=params["beta"], activation=activation)
     np.testing.assert_allclose(layer(x, training=True).numpy(), RO.iebn(x, axis, **p),
@@ -88,7 +84,7 @@ def test_bgn_matches_reference(rng, shape, axis, groups):
     layer = tfpn.BatchGroupNormalization(groups=groups, activation="relu", axis=axis)
     layer.build(x.shape)
     params = _params(rng, ["gamma", "beta"])
-    _set(layer, params)
+    set_params(layer, params)
     ref, mean, var = RO.bgn(x, groups, axis, activation="relu", **params)
     np.testing.assert_allclose(layer(x, training=True).numpy(), ref, atol=3e-5, rtol=1e-5)
     np.testing.assert_allclose(layer.moving_mean.numpy(), 0.1 * mean, atol=1e-6)
@@ -106,7 +102,7 @@ def test_bgn_with_groups_equal_channels_is_batch_norm(rng, axis):
     layer = tfpn.BatchGroupNormalization(groups=C, activation=None, axis=axis)
     layer.build(x.shape)
     params = _params(rng, ["gamma", "beta"])
-    _set(layer, params)
+    set_params(layer, params)
     np.testing.assert_allclose(layer(x, training=True).numpy(),
                                R.batch_norm_act(x, axis, 1e-5, None, **params), atol=2e-5)
 
@@ -143,7 +139,7 @@ def test_gradients_match_reference_finite_differences(rng, name):
     kwargs = dict(groups=8) if name == "bgn" else {}   # G = 2C: split positions
     layer = tfpn.get_norm_act_layer(name, activation="silu", dtype="float64", **kwargs)
     layer.build(x.shape)
-    _set(layer, params)
+    set_params(layer, params)
     r = rng.standard_normal(x.shape)
 
     def ref_loss(x_, p):

@@ -62,6 +62,7 @@ def test_distributions_carry_the_op_sources_and_valid_metadata(dists):
     missing = [s for s in sources if f"tf_proxynorm/fused/custom_ops/{s}" not in names]
     assert missing == []
     assert not any(n.endswith((".so", ".o")) for n in names)
+    assert "tf_proxynorm/data.py" not in names   # the examples' loaders: examples/data.py
     with tarfile.open(sdist) as t:
         top = t.getnames()[0].split("/")[0]
         sdist_names = set(t.getnames())

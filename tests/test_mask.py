@@ -121,7 +121,7 @@ def group_layer_ref(layer, x, mask, groups, axis, activation):
     proxy = (w["proxy_beta"], w["proxy_gamma"]) if "proxy_beta" in w else None
     out = R.affine_act_proxy(y, w.get("gamma"), w.get("beta"), axis, activation, proxy)
     if "offset" in w:
-        out = out + w["offset"].reshape(R._bshape(x.ndim, axis % x.ndim))
+        out = out + w["offset"].reshape(R.channel_shape(x.ndim, axis % x.ndim))
     return out
 
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 import reference as R
 import reference_other as RO
 import tf_proxynorm as tfpn
-from conftest import random_params
+from helpers import randomize_norm_weights
 from tf_proxynorm.layers._base import NormActBase
 
 M = tfpn.models
@@ -124,17 +124,6 @@ class _RefNet:
         return self.head(self.act(x, "final_norm"))
 
 
-def _randomize(model, rng):
-    """Non-trivial values for every norm's per-channel weights (beta included, so a norm
-    that should have none would show)."""
-    for layer in model.layers:
-        if isinstance(layer, NormActBase):
-            params = random_params(rng, layer.gamma.shape[0])
-            for name, value in params.items():
-                if getattr(layer, name, None) is not None:
-                    getattr(layer, name).assign(value)
-
-
 REFERENCE_CASES = [
     ("cifar_v2", lambda **kw: M.cifar_resnet(14, 1, input_shape=(12, 12, 3), **kw),
      lambda r, x: r.cifar(x, 2, 1)),
@@ -154,7 +143,7 @@ def test_forward_matches_float64_reference(rng, case, build, forward):
     groups = 4
     model = build(norm="gn+pn", norm_kwargs={"groups": groups}, num_classes=5,
                   classifier_activation=None)
-    _randomize(model, rng)
+    randomize_norm_weights(model, rng, draw_all=True)   # beta too: a stray one would show
     x = rng.standard_normal((2,) + model.input_shape[1:]).astype("float32")
     expected = forward(_RefNet(model, groups), x.astype(np.float64))
     got = model(x, training=False).numpy()
@@ -166,7 +155,7 @@ def test_channels_first_matches_the_float64_reference(rng):
                            input_shape=(3, 8, 8), data_format="channels_first",
                            classifier_activation=None)
     assert model.get_layer("stage1_block1_norm1").axis == 1
-    _randomize(model, rng)
+    randomize_norm_weights(model, rng, draw_all=True)   # beta too: a stray one would show
     x = rng.standard_normal((2, 3, 8, 8)).astype("float32")
     ref = _RefNet(model, 4)
     expected = ref.cifar(np.moveaxis(x, 1, -1).astype(np.float64), 1, 1)

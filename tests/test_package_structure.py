@@ -156,18 +156,8 @@ def test_fused_subpackage_depends_on_nothing_else_of_the_package_but_config_and_
 
 # -- one definition per name -------------------------------------------------------------------
 
-# Public names still defined in two modules, each being removed by another step of issue 24
-# (`fused/` split: `cache_root`, `source_dir`; `data.py` moved to examples/: `load`).
-# Empty this once those steps are merged; never add to it.
-DUPLICATE_NAMES_BEING_REMOVED = {
-    "cache_root": {"tf_proxynorm.fused.build", "tf_proxynorm.fused.settings"},
-    "source_dir": {"tf_proxynorm.fused.build", "tf_proxynorm.fused.settings"},
-    "load": {"tf_proxynorm.data", "tf_proxynorm.fused.loader"},
-}
 # `main` of each `python -m` entry point (`fused.build`, `fused.info`) is one name by convention.
 ENTRY_POINT = "main"
-# Top-level functions with the same code in two modules, not yet merged (issue 24 left them).
-COPIES_NOT_YET_MERGED = [{"tf_proxynorm.absorb._float64", "tf_proxynorm.fold._float64"}]
 
 
 def _public_definitions(tree):
@@ -230,16 +220,12 @@ TREES = {m: GRAPH[m][0] for m in MODULES}
 def test_each_public_name_is_defined_in_one_module():
     """A newcomer who greps a public name lands on one definition (no three `group_norm_act`s
     or two `canonical_name`s)."""
-    duplicates = _duplicate_names(TREES)
-    unexpected = {n: sorted(ms) for n, ms in duplicates.items()
-                  if DUPLICATE_NAMES_BEING_REMOVED.get(n) != ms}
-    assert unexpected == {}
+    assert {n: sorted(ms) for n, ms in _duplicate_names(TREES).items()} == {}
 
 
 def test_no_function_is_a_copy_of_another():
     """E.g. a private `_stats_dtype` beside `stats.stats_dtype`: import the one definition."""
-    copies = [c for c in _function_copies(TREES) if c not in COPIES_NOT_YET_MERGED]
-    assert copies == []
+    assert _function_copies(TREES) == []
 
 
 def test_the_group_count_rule_is_written_once():

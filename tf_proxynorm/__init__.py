@@ -21,11 +21,3 @@ from tf_proxynorm.layers import (BatchGroupNormalization, BatchNormAct, CBNConv2
                                  register_norm_act, resolve_norm_act)
 from tf_proxynorm.version import __version__
 
-
-def __getattr__(name):
-    # `tf_proxynorm.data` (data sets of the examples and tests) is imported on first use
-    # only: the library itself never needs it.
-    if name == "data":
-        import importlib
-        return importlib.import_module("tf_proxynorm.data")
-    raise AttributeError(f"module 'tf_proxynorm' has no attribute {name!r}")

@@ -101,16 +101,17 @@ def _leaves(graph, node, rank, axis):
     return leaves
 
 
-def _float64(value):
+def to_float64(value):
+    """A variable or tensor of any backend as a float64 NumPy array."""
     return np.asarray(keras.ops.convert_to_numpy(value), dtype=np.float64)
 
 
 def fold_weights(layer, scale, shift):
     """Kernel and bias (float64) of the Conv/DepthwiseConv/Dense `layer` applied to
     `scale * x + shift` (`shift` may be None: the bias is then unchanged)."""
-    kernel = _float64(layer.kernel)
+    kernel = to_float64(layer.kernel)
     depthwise = type(layer) in DEPTHWISE
-    bias = (_float64(layer.bias) if layer.use_bias
+    bias = (to_float64(layer.bias) if layer.use_bias
             else np.zeros(kernel.shape[-1] * (kernel.shape[-2] if depthwise else 1)))
     if shift is not None:
         # depthwise: kernel (*k, C, multiplier), bias (C * multiplier,);

@@ -139,10 +139,6 @@ class _Reader:
         return self._extractor(models[-1], layer)(x, training=False)
 
 
-def _numpy(t):
-    return np.asarray(keras.ops.convert_to_numpy(t), dtype=np.float64)
-
-
 def _channels_last(array, axis):
     axis = channel_axis(array.ndim, axis)
     return np.moveaxis(array, axis, -1).reshape(-1, array.shape[axis])
@@ -150,13 +146,13 @@ def _channels_last(array, axis):
 
 def _bn_affine(bn):
     """Per-channel `(A, B)` of the BN at inference: `bn(x) = A x + B` (before activation)."""
-    var = _numpy(bn.moving_variance)
+    var = absorb.to_float64(bn.moving_variance)
     a = 1.0 / np.sqrt(var + bn.epsilon)
     if getattr(bn, "gamma", None) is not None:
-        a = a * _numpy(bn.gamma)
-    b = -_numpy(bn.moving_mean) * a
+        a = a * absorb.to_float64(bn.gamma)
+    b = -absorb.to_float64(bn.moving_mean) * a
     if getattr(bn, "beta", None) is not None:
-        b = b + _numpy(bn.beta)
+        b = b + absorb.to_float64(bn.beta)
     return a, b
 
 
@@ -166,7 +162,7 @@ def _bn_axis(bn):
 
 def _activation(layer, array):
     out = layer.affine.activation_fn(keras.ops.convert_to_tensor(array.astype(np.float32)))
-    return _numpy(out)
+    return absorb.to_float64(out)
 
 
 # -- the fit ------------------------------------------------------------------------------------
@@ -213,8 +209,8 @@ def _calibrate_pair(pair, old_reader, new_reader, batches):
     def read(x):
         x_new = new_reader(new, new_chain, x)
         x_bn = old_reader(bn, old_chain, x) if TARGET == "model" else x_new
-        t = _channels_last(_numpy(x_bn), axis) * a_bn + b_bn
-        y = _channels_last(_numpy(new.normalized_output(x_new)), new.axis)
+        t = _channels_last(absorb.to_float64(x_bn), axis) * a_bn + b_bn
+        y = _channels_last(absorb.to_float64(new.normalized_output(x_new)), new.axis)
         return t, y
 
     sums, cache, cached = None, [], 0
@@ -244,7 +240,7 @@ def _calibrate_pair(pair, old_reader, new_reader, batches):
 
 
 def _undo_proxy_affine(pair):
-    mean, inv_std = (_numpy(t) for t in pair.new.proxy_statistics())
+    mean, inv_std = (absorb.to_float64(t) for t in pair.new.proxy_statistics())
     std = 1.0 / inv_std
     for old, new, exact in pair.targets:
         kernel, bias = absorb.fold_weights(old, std, mean if exact else None)
@@ -269,8 +265,8 @@ def calibrate(old_model, new_model, pairs, batches):
     errors = [_calibrate_pair(pair, old_reader, new_reader, batches) for pair in pairs]
     err2 = ref2 = 0.0
     for x in batches:
-        ref = [_numpy(t) for t in keras.tree.flatten(old_model(x, training=False))]
-        out = [_numpy(t) for t in keras.tree.flatten(new_model(x, training=False))]
+        ref = [absorb.to_float64(t) for t in keras.tree.flatten(old_model(x, training=False))]
+        out = [absorb.to_float64(t) for t in keras.tree.flatten(new_model(x, training=False))]
         err2 += sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref))
         ref2 += sum(float((r ** 2).sum()) for r in ref)
     return errors, float(np.sqrt(err2 / max(ref2, 1e-30)))

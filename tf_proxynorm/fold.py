@@ -22,11 +22,6 @@ from tf_proxynorm.ops.stats import channel_axis
 _GROUP_NORM_LAYERS = (GroupNormAct, ShiftedGroupNormAct)
 
 
-def _float64(value):
-    """A variable or tensor of any backend as a float64 NumPy array."""
-    return np.asarray(keras.ops.convert_to_numpy(value), dtype=np.float64)
-
-
 class _Folder:
     def __init__(self, prefix="", inference=False):
         self.prefix = prefix
@@ -77,7 +72,7 @@ class _Folder:
     # -- the PN layer ----------------------------------------------------------------------
     def _fold_pn(self, node, args, kwargs, rewriter):
         layer = node.operation
-        mean, inv_std = (_float64(t) for t in layer.proxy_statistics())
+        mean, inv_std = (absorb.to_float64(t) for t in layer.proxy_statistics())
         scale, shift = inv_std, -mean * inv_std
         inference = self.inference and isinstance(layer, _GROUP_NORM_LAYERS)
         if self.graph.num_calls(layer) > 1:
@@ -200,10 +195,10 @@ def _inference_form(layer, scale=None, offset=None):
         layer.beta.shape[0] if layer.beta is not None else None)
     if channels is None:
         channels = int(layer.input.shape[channel_axis(len(layer.input.shape), layer.axis)])
-    gamma = _float64(layer.gamma) if layer.gamma is not None else np.ones(channels)
-    beta = _float64(layer.beta) if layer.beta is not None else np.zeros(channels)
+    gamma = absorb.to_float64(layer.gamma) if layer.gamma is not None else np.ones(channels)
+    beta = absorb.to_float64(layer.beta) if layer.beta is not None else np.zeros(channels)
     if isinstance(layer, ShiftedGroupNormAct):
-        own = _float64(layer.offset)
+        own = absorb.to_float64(layer.offset)
         offset = own if offset is None else offset + (own if scale is None else scale * own)
     name = activations.fused_name(layer.activation)
     if scale is not None and name in HOMOGENEOUS and np.all(scale > 0):

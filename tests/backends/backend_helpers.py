@@ -1,5 +1,7 @@
 """Backend-neutral test helpers (imported by the tests of this folder): these tests run once per Keras backend, each in its own
 pytest process (`make test`: TensorFlow, then `KERAS_BACKEND=jax`; `make test-torch`).
+This module holds what is about backends (the running backend, its autodiff); helpers
+shared with the tests of `tests/` are in `tests/helpers.py`.
 
 Only `keras`, `keras.ops` and NumPy are used on the code under test; the gradient of a
 layer is taken with the backend's own autodiff (`layer_gradients`). The float64

@@ -13,7 +13,6 @@ the running Keras backend (this file runs once per backend; see backend_helpers.
 - examples/train_backends.py runs 2 steps in a subprocess with this process's backend.
 """
 
-import gzip
 import os
 import subprocess
 import sys
@@ -25,14 +24,15 @@ import pytest
 import reference as R
 import reference_other as RO
 from backend_helpers import BACKEND, JIT_COMPILE
+from helpers import randomize_norm_weights, write_idx
 import tf_proxynorm as tfpn
-from tf_proxynorm import data
 from tf_proxynorm.fold import ChannelAffine, ShiftedGroupNormAct
 from tf_proxynorm.layers._base import NormActBase
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
-from tf_proxynorm._backend import all_layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "examples"))
+import data  # noqa: E402  (examples/data.py: synthetic_arrays)
 M = tfpn.models
 L = keras.layers
 
@@ -41,18 +41,8 @@ def _numpy(t):
     return np.asarray(keras.ops.convert_to_numpy(t))
 
 
-_PARAMS = (("gamma", 0.3, 1.0), ("beta", 0.3, 0.0), ("proxy_beta", 0.2, 0.0),
-           ("proxy_gamma", 0.2, 0.0))
-
-
-def _randomize(model, rng, names=("gamma", "beta", "proxy_beta", "proxy_gamma")):
-    """Away from their 1/0 initializers: the per-channel weights `names` of every norm."""
-    for layer in all_layers(model):
-        if isinstance(layer, (NormActBase, L.GroupNormalization, L.BatchNormalization)):
-            for name, scale, offset in _PARAMS:
-                weight = getattr(layer, name, None) if name in names else None
-                if weight is not None:
-                    weight.assign(offset + scale * rng.standard_normal(weight.shape))
+# The norms whose per-channel weights the tests move away from their 1/0 initializers.
+NORMS = (NormActBase, L.GroupNormalization, L.BatchNormalization)
 
 
 # ---- float64 NumPy forward of a GN+PN pre-activation CIFAR ResNet (weights by name) -------
@@ -89,7 +79,7 @@ def cifar_v2_reference(model, x, per_stage, groups):
 def _small_cifar(rng):
     model = M.cifar_resnet(8, norm="gn+pn", norm_kwargs={"groups": 4}, num_classes=3,
                            input_shape=(8, 8, 3), classifier_activation=None)
-    _randomize(model, rng)
+    randomize_norm_weights(model, rng, types=NORMS)
     return model
 
 
@@ -192,7 +182,7 @@ def _bn_model(rng):
         if v.path.endswith(("kernel", "bias")):
             fan_in = np.prod(v.shape[:-1]) if v.path.endswith("kernel") else 10
             v.assign((rng.standard_normal(v.shape) / np.sqrt(fan_in)).astype("float32"))
-    _randomize(model, rng)
+    randomize_norm_weights(model, rng, types=NORMS)
     return model
 
 
@@ -210,7 +200,8 @@ def test_convert_model_to_gn_pn(rng):
     assert type(new.get_layer("keras_gn")) is L.GroupNormalization
     assert [(s.old, s.new) for s in report] == [("bn1", "bn1"), ("relu1", "bn1"),
                                                 ("bn2", "bn2")]
-    _randomize(new, rng, names=("proxy_beta", "proxy_gamma"))   # gamma/beta: BN's copies
+    # gamma/beta: BN's copies.
+    randomize_norm_weights(new, rng, types=NORMS, names=("proxy_beta", "proxy_gamma"))
     x = rng.standard_normal((2, 6, 6, 4)).astype("float32")
 
     p, old = _weights(new), _weights(model)
@@ -253,21 +244,13 @@ def test_cifar_resnet_and_its_folded_model_match_float64_reference(rng):
 
 
 # ---- examples/train_backends.py ----------------------------------------------------------
-def _write_idx(path, array):
-    """IDX (yann.lecun.com/exdb/mnist): 0, 0, type 0x08 (uint8), ndim, big-endian dims."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_train_backends_example_smoke_run(tmp_path):
     """2 steps of examples/train_backends.py on Fashion-MNIST-format files (synthetic
     images, as the real files need not be installed), with this process's backend."""
     x, y = data.synthetic_arrays(48, (28, 28, 1), seed=2)
     for split, sl in (("train", slice(0, 32)), ("t10k", slice(32, 48))):
-        _write_idx(str(tmp_path / f"{split}-images-idx3-ubyte.gz"), x[sl, ..., 0])
-        _write_idx(str(tmp_path / f"{split}-labels-idx1-ubyte.gz"), y[sl])
+        write_idx(str(tmp_path / f"{split}-images-idx3-ubyte.gz"), x[sl, ..., 0])
+        write_idx(str(tmp_path / f"{split}-labels-idx1-ubyte.gz"), y[sl])
     # XLA's compilation dominates a 2-step run: compile unoptimized (same code path).
     env = {**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "2",
            "XLA_FLAGS": "--xla_backend_optimization_level=0",

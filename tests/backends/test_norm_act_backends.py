@@ -27,6 +27,7 @@ import reference as R
 import reference_fused as RF
 import tf_proxynorm as tfpn
 from backend_helpers import BACKEND, JIT_COMPILE, layer_gradients, to_numpy
+from helpers import assert_close
 
 # As tests/test_fused_op.py: relative tolerance of an output rounded to the dtype; the
 # absolute tolerance is this times max(1, max |reference|).
@@ -37,20 +38,10 @@ EPSILON = 1e-3
 F64 = tf.float64
 
 
-def assert_close(actual, expected, tol, what):
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
-
-
 # -- float64 references written from the specs (TensorFlow autodiff, no tf_proxynorm) ------
 
 def _per_channel(v, rank, axis):
-    shape = [1] * rank
-    shape[axis] = -1
-    return tf.reshape(v, shape)
+    return tf.reshape(v, R.channel_shape(rank, axis))
 
 
 def _affine_tf64(y, gamma, beta, proxy_beta, proxy_gamma, *, axis, activation):
@@ -112,7 +103,7 @@ def numpy_forward(case, x, values, groups):
     if kind in ("gn", "ln", "in", "shifted"):
         y = R.group_norm_act(x, groups, axis, EPSILON, act, g, b, proxy)
         if kind == "shifted":
-            y = y + np.reshape(values["offset"], R._bshape(x.ndim, axis % x.ndim))
+            y = y + np.reshape(values["offset"], R.channel_shape(x.ndim, axis % x.ndim))
         return y
     if kind == "bn":
         return R.batch_norm_act(x, axis, EPSILON, act, g, b, values.get("moving_mean"),

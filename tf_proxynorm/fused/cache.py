@@ -337,7 +337,7 @@ def plan(allow_build=None):
 
 # -- what `python -m tf_proxynorm.info` reports --------------------------------------------
 
-def describe(outcome=None):
+def describe_files(outcome=None):
     """What `python -m tf_proxynorm.info` reports about the fused op library, as a dict,
     from the settings and the cache's files only: never builds, loads or remembers anything.
 

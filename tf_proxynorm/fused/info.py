@@ -202,7 +202,7 @@ def report(allow_build=False):
             lines.append("fused op library: UNAVAILABLE (layers use the reference path)")
             lines.append(f"  reason:       {_indented(info['reason'])}")
     else:
-        info = cache.describe()   # from the cache's files: never built or loaded here
+        info = cache.describe_files()   # from the cache's files: never built or loaded here
         lines.append(f"fused op library: NOT USED on the {backend!r} backend (a TensorFlow "
                      "op; not built or loaded here)")
         if info["path"] is not None:

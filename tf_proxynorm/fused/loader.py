@@ -127,7 +127,7 @@ def library_path():
 
 def describe(allow_build=False):
     """What `python -m tf_proxynorm.info` reports about the library, as a dict (the keys of
-    `cache.describe`; here `available` and `kernels` say what this process loaded).
+    `cache.describe_files`; here `available` and `kernels` say what this process loaded).
 
     The reason it gives is the one the first layer call's warning gives (`cache.plan`
     decides both). Without `allow_build` it never compiles: when no load was attempted in
@@ -140,9 +140,9 @@ def describe(allow_build=False):
     if not (allow_build or load_attempted()):
         step = cache.plan()
         if step.path is None:
-            return cache.describe(step)
+            return cache.describe_files(step)
     library = load(warn=False)
-    out = cache.describe(library)
+    out = cache.describe_files(library)
     if library.module is not None:
         out["available"] = True
         out["kernels"] = {name: registered_kernels(name)

@@ -1,5 +1,9 @@
 """Image classification data for the examples and tests: sources and `tf.data` pipelines.
 
+It serves the scripts of this folder (`import data`; run them from the repository root, as
+`python examples/train.py`) and is not part of the installed package (formerly `tfpn.data`:
+see the README's Changelog).
+
 Three sources, all returned as `(train, test, info)` where `train` / `test` are unbatched
 `tf.data.Dataset`s of `(image uint8 HWC, label int)` and `info` is a `DatasetInfo`:
 
