@@ -61,7 +61,7 @@ def measure(batch, size):
     # A second, identical GN+act model: its ratio to the first is the noise floor (A/A test).
     twin = build("gn", size)
     twin.set_weights(gn.get_weights())
-    models = {"GN+PN": gnpn, "GN+PN folded": tfpn.fold_for_inference(gnpn), "GN+act": gn,
+    models = {"GN+PN": gnpn, "GN+PN folded": tfpn.fold_for_inference(gnpn, inference_layers=False), "GN+act": gn,
               "GN+act twin": twin}
     x = tf.constant(np.random.default_rng(0).standard_normal((batch, size, size, 3)), tf.float32)
     fns = {name: tf.function(lambda t, m=m: m(t, training=False)) for name, m in models.items()}

@@ -75,7 +75,7 @@ def test_mixed_model_matches_numpy_reference(rng, implementation):
     randomize_norm_weights(model, rng, bias_std=0.2)
     x = rng.standard_normal((3, 6, 6, 4)).astype("float32")
     ref = _mixed_reference(model, x)
-    folded, report = tfpn.fold_for_inference(model, return_report=True)
+    folded, report = tfpn.fold_for_inference(model, return_report=True, inference_layers=False)
     with tfpn.use_implementation(implementation):
         np.testing.assert_allclose(model(x).numpy(), ref, atol=1e-5)
         np.testing.assert_allclose(folded(x).numpy(), ref, atol=1e-5)
@@ -102,7 +102,7 @@ def test_sequential_proxy_norm_act_and_dense(rng):
                               tfpn.ProxyNormAct(activation="silu", name="pn"),
                               L.Dense(2, name="d2")], name="seq")
     set_params(model.get_layer("pn"), random_params(rng, 6))
-    folded = tfpn.fold_for_inference(model)
+    folded = tfpn.fold_for_inference(model, inference_layers=False)
     assert isinstance(folded, keras.Sequential)
     assert [type(l).__name__ for l in folded.layers] == ["Dense", "ChannelAffine", "Dense"]
     x = rng.standard_normal((4, 5)).astype("float32")
@@ -121,7 +121,7 @@ def test_shared_pn_layer_keeps_an_affine_per_call(rng):
     b = L.Conv2D(8, 1, name="cb")(norm(inputs * 2.0))
     model = keras.Model(inputs, L.Add()([a, b]))
     set_params(norm, random_params(rng, 8))
-    folded, report = tfpn.fold_for_inference(model, return_report=True)
+    folded, report = tfpn.fold_for_inference(model, return_report=True, inference_layers=False)
     assert "shared layer" in report[0].action
     x = rng.standard_normal((2, 4, 4, 8)).astype("float32")
     p = {w.name: w.numpy() for w in norm.weights}
@@ -138,7 +138,7 @@ def test_branches_with_and_without_padding(rng):
     y = L.Add()([L.Conv2D(4, 1, name="c1")(x), L.Conv2D(4, 3, padding="same", name="c3")(x)])
     model = keras.Model(inputs, y)
     randomize_norm_weights(model, rng, bias_std=0.2)
-    folded = tfpn.fold_for_inference(model)
+    folded = tfpn.fold_for_inference(model, inference_layers=False)
     assert isinstance(folded.get_layer("n"), tfpn.GroupNormAct)
     assert isinstance(folded.get_layer("n_proxy_shift"), ChannelAffine)
     x = rng.standard_normal((2, 5, 5, 8)).astype("float32")
@@ -150,7 +150,7 @@ def test_branches_with_and_without_padding(rng):
 def test_folded_model_keras_round_trip(rng, tmp_path):
     model = _mixed_model()
     randomize_norm_weights(model, rng, bias_std=0.2)
-    folded = tfpn.fold_for_inference(model)
+    folded = tfpn.fold_for_inference(model, inference_layers=False)
     path = str(tmp_path / "folded.keras")
     folded.save(path)
     loaded = keras.saving.load_model(path)
@@ -179,7 +179,7 @@ def _randomize_all(model, rng):
 
 def _check_fold(model, rng, shape, atol):
     _randomize_all(model, rng)
-    folded = tfpn.fold_for_inference(model)
+    folded = tfpn.fold_for_inference(model, inference_layers=False)
     assert not any(getattr(l, "proxy_norm", False) for l in all_layers(folded))
     x = rng.standard_normal((2,) + shape).astype(model.inputs[0].dtype)
     expected = model(x, training=False).numpy()
@@ -195,7 +195,7 @@ def _check_float32_noise(build, rng, shape):
     """
     model = build()
     _randomize_all(model, rng)
-    folded = tfpn.fold_for_inference(model)
+    folded = tfpn.fold_for_inference(model, inference_layers=False)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float64")
     try:

@@ -68,12 +68,15 @@ def _reference(model, x, kind, proxy, consumer, offset=False):
 _CASES = [(k, pn, c) for k in _KINDS for pn in (False, True) for c in ("out", "1x1", "3x3")]
 
 
-@pytest.mark.parametrize("inference_layers", [True, False])
+@pytest.mark.parametrize("inference_layers", [None, True, False])   # None: the default
 @pytest.mark.parametrize("kind,proxy,consumer", _CASES)
 def test_folded_norm_matches_float64_reference(rng, kind, proxy, consumer, inference_layers):
     model = _norm_model(rng, kind, proxy, consumer)
     x = (rng.standard_normal((3, 5, 5, 8)) * 1.5 + 0.7).astype("float32")
-    folded = tfpn.fold_for_inference(model, inference_layers=inference_layers)
+    if inference_layers is None:
+        folded, inference_layers = tfpn.fold_for_inference(model), True
+    else:
+        folded = tfpn.fold_for_inference(model, inference_layers=inference_layers)
     ref = _reference(model, x, kind, proxy, consumer)
     np.testing.assert_allclose(folded(x).numpy(), ref, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(model(x).numpy(), ref, atol=2e-5, rtol=1e-5)

@@ -219,7 +219,7 @@ def _affine_layer(layer, scale, offset, suffix):
                                   if v is not None})
 
 
-def fold_for_inference(model, *, return_report=False, inference_layers=False):
+def fold_for_inference(model, *, return_report=False, inference_layers=True):
     """Returns an inference model with Proxy Normalization's output affine folded away.
 
     Every layer with `proxy_norm=True` (`GroupNormAct`, `LayerNormAct`, `InstanceNormAct`,
@@ -241,7 +241,8 @@ def fold_for_inference(model, *, return_report=False, inference_layers=False):
     - otherwise (model output, residual addition, concatenation, shared layers, unknown
       layers) kept as a `ChannelAffine` "..._proxy_affine" after the layer.
 
-    With `inference_layers=True` (what `export_saved_model` uses), every GN/LN/IN layer,
+    This is the form with `inference_layers=False`. With `inference_layers=True` (the
+    default, and what `export_saved_model` uses), every GN/LN/IN layer,
     with or without PN, and every `ShiftedGroupNormAct` becomes an `InferenceGroupNormAct`:
     the same function at inference in few large TensorFlow ops (one-pass shifted
     statistics, one multiply-add and the activation), the PN affine kept as its output
@@ -259,7 +260,9 @@ def fold_for_inference(model, *, return_report=False, inference_layers=False):
     Args:
         model: a functional or built Sequential `keras.Model`.
         return_report: also return the list of `ConversionStep(old, new, action)`.
-        inference_layers: replace the norm layers by their inference form (above).
+        inference_layers: replace the norm layers by their inference form (above; the
+            default). `False` keeps trainable layers of the package (the fold described
+            first), e.g. to fine-tune or to run the fused op on the folded model.
 
     Returns:
         The folded model, or `(model, report)`.
