@@ -7,6 +7,7 @@ import pytest
 import reference as R
 import tf_proxynorm as tfpn
 from helpers import randomize_norm_weights
+from tf_proxynorm._backend import all_layers
 from tf_proxynorm.ops.stats import largest_divisor_at_most
 
 CONVERTED = (tfpn.GroupNormAct, tfpn.LayerNormAct, tfpn.InstanceNormAct)
