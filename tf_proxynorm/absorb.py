@@ -65,16 +65,26 @@ def absorbing_branches(graph, tensor, rank, axis):
     """Per consumer of `tensor` in `graph` (a `tf_proxynorm._graph` view):
     `(consumer node, absorbing nodes, bias exact)`; None when some path does not end in
     a layer that can absorb a per-channel affine on `axis`."""
+    per_consumer = _leaves_per_consumer(graph, tensor, rank, axis)
+    if per_consumer is None:
+        return None
+    return [(node, [t for t, _ in leaves], all(e for _, e in leaves))
+            for node, leaves in per_consumer]
+
+
+def _leaves_per_consumer(graph, tensor, rank, axis):
+    """`[(consumer node, its leaves)]` for every consumer of `tensor`; None when `tensor`
+    is a model output, has no consumer, or some path does not end in an absorbing layer."""
     consumers = graph.consumers_of(tensor)
     if not consumers or graph.is_output(tensor):
         return None
-    branches = []
+    per_consumer = []
     for node in consumers:
         leaves = _leaves(graph, node, rank, axis)
         if leaves is None:
             return None
-        branches.append((node, [t for t, _ in leaves], all(e for _, e in leaves)))
-    return branches
+        per_consumer.append((node, leaves))
+    return per_consumer
 
 
 def _leaves(graph, node, rank, axis):
@@ -89,16 +99,11 @@ def _leaves(graph, node, rank, axis):
         return None
     out_rank = len(node.outputs[0].shape)
     out_axis = axis if out_rank == rank else out_rank - 1
-    consumers = graph.consumers_of(node.outputs[0])
-    if not consumers or graph.is_output(node.outputs[0]):
+    per_consumer = _leaves_per_consumer(graph, node.outputs[0], out_rank, out_axis)
+    if per_consumer is None:
         return None
-    leaves = []
-    for consumer in consumers:
-        sub = _leaves(graph, consumer, out_rank, out_axis)
-        if sub is None:
-            return None
-        leaves += [(target, exact and kind == "both") for target, exact in sub]
-    return leaves
+    return [(target, exact and kind == "both") for _, sub in per_consumer
+            for target, exact in sub]
 
 
 def to_float64(value):
