@@ -246,7 +246,11 @@ SWEEP = (("GN+PN plain", "gn+pn", 8, 0, "model"),
          ("GN (no PN) calibrated", "gn", 8, 256, "model"),
          ("GN+PN, 4 groups, calibrated", "gn+pn", 4, 256, "model"),
          ("LN+PN calibrated", "ln+pn", None, 256, "model"),
-         ("IN+PN calibrated", "in+pn", None, 256, "model"))
+         ("IN+PN calibrated", "in+pn", None, 256, "model"),
+         ("GN+PN calibrated, epsilon search", "gn+pn", 8, 256, "model+epsilon"),
+         ("LN+PN calibrated, epsilon search", "ln+pn", None, 256, "model+epsilon"))
+# Epsilon candidates of the "+epsilon" rows (multiples of each layer's median group variance).
+SWEEP_EPSILON_FACTORS = (0.1, 1.0, 10.0, 100.0)
 SWEEP_COLUMNS = ("label", "norm", "groups", "calibration_images", "target", "acc_a",
                  "logits_error", "bn_acc_a", "seconds")
 
@@ -269,10 +273,11 @@ def conversion_sweep(args):
             continue
         kwargs = {"groups": groups} if groups else {}
         data = tasks["a"][0][start_image:start_image + images] if images else None
-        calibrate.TARGET = target
+        calibrate.TARGET = target.split("+")[0]
+        calibrate.EPSILON_FACTORS = SWEEP_EPSILON_FACTORS if "+epsilon" in target else ()
         start = time.time()
         model, _ = tfpn.convert_model(bn_model, norm, calibration_data=data, **kwargs)
-        calibrate.TARGET = "model"
+        calibrate.TARGET, calibrate.EPSILON_FACTORS = "model", ()
         seconds = time.time() - start
         out = model.predict(xa, batch_size=256, verbose=0)
         row = {"label": label, "norm": norm, "groups": groups or "", "calibration_images": images,

@@ -249,3 +249,40 @@ def test_affine_undone_where_fold_for_inference_folds_it(case, resnet_case, rng)
     _, report = tfpn.convert_model(model, norm, calibration_data=x.astype("float32"), **kwargs)
     places = _calibration_places(report)
     assert places and places == _fold_places(fold_report)
+
+
+def test_epsilon_search_picks_the_least_squares_best_epsilon(resnet_case, monkeypatch):
+    """`calibrate.EPSILON_FACTORS`: each layer's epsilon is the candidate (its own, or a
+    factor times the median group variance of the first calibration batch) whose per-channel
+    least-squares fit of BN's pre-activation leaves the smallest residual (float64 lstsq)."""
+    from tf_proxynorm import calibrate
+
+    model, _, _, x = resnet_case
+    factors = (0.1, 1.0, 100.0)
+    monkeypatch.setattr(calibrate, "EPSILON_FACTORS", factors)
+    new, _ = tfpn.convert_model(model, "gn+pn", groups=4, calibration_data=x[:128])
+    h = keras.Model(model.inputs, model.get_layer("stem_conv").output)(x[:128])
+    h = np.asarray(keras.ops.convert_to_numpy(h), np.float64)
+    bn = model.get_layer("stage1_block1_norm1")
+    scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    t = (h.reshape(-1, h.shape[-1]) - bn.moving_mean.numpy()) * scale + bn.beta.numpy()
+    g = h[:calibrate.BATCH_SIZE].reshape(calibrate.BATCH_SIZE, -1, 4, h.shape[-1] // 4)
+    variance = np.median(g.var(axis=(1, 3)))
+    candidates = [1e-3] + [f * variance for f in factors]
+
+    def residual(eps):
+        y = R.group_normalize(h, 4, epsilon=eps).reshape(-1, h.shape[-1])
+        total = 0.0
+        for c in range(h.shape[-1]):
+            a = np.stack([y[:, c], np.ones(len(y))], 1)
+            coef, *_ = np.linalg.lstsq(a, t[:, c], rcond=None)
+            total += float(((a @ coef - t[:, c]) ** 2).sum())
+        return total
+
+    residuals = [residual(eps) for eps in candidates]
+    best = candidates[int(np.argmin(residuals))]
+    chosen = new.get_layer("stage1_block1_norm1").epsilon
+    np.testing.assert_allclose(chosen, best, rtol=1e-4)
+    assert residual(chosen) <= residual(1e-3)
+    # The setting is kept in the layer's config (a saved model reloads with it).
+    assert new.get_layer("stage1_block1_norm1").get_config()["epsilon"] == chosen
