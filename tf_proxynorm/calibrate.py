@@ -43,7 +43,7 @@ TARGET = "model"
 # least-squares fit leaves the smallest residual. A large epsilon keeps part of each
 # example's scale, which BN keeps and GN removes: seed 0 of the study, LN+PN 88.6% ->
 # 90.6% (BN 91.1%), but the chosen epsilons (10-500x the variance) leave those layers
-# barely normalizing, which changes how the model fine-tunes.
+# barely normalizing, and the model then fine-tunes badly at batch 2 (docs/finetune.md).
 EPSILON_FACTORS = ()
 
 
