@@ -207,7 +207,7 @@ def _pre_activation(new, y, gamma, beta):
     return out
 
 
-def _sse(new, sums, gamma, beta):
+def _sse(sums, gamma, beta):
     """Sum over the channels of the squared residual `t - (gamma y + beta)` of a fit."""
     n, sy, syy, st, sty, stt = sums
     g = 1.0 if gamma is None else gamma
@@ -243,21 +243,21 @@ def _calibrate_pair(pair, old_reader, new_reader, batches, epsilon_factors=()):
     candidates, sums, cache, cached = [new.epsilon], {}, [], 0
     for x in batches:
         t, x_new = read(x)
-        if len(candidates) == 1 and epsilon_factors:
+        if epsilon_factors and not sums:          # first batch: the candidates
             variance = _group_variance(new, x_new)
             candidates += [f * variance for f in epsilon_factors if f * variance > new.epsilon]
-        cached += t.nbytes + keras.ops.convert_to_numpy(x_new).nbytes
-        cache = cache + [(t, x_new)] if cache is not None and cached <= CACHE_BYTES else None
-        for epsilon in candidates:
-            y = regressor(x_new, epsilon)
+        ys = {epsilon: regressor(x_new, epsilon) for epsilon in candidates}
+        for epsilon, y in ys.items():
             batch = (len(y), y.sum(0), (y * y).sum(0), t.sum(0), (t * y).sum(0),
                      (t * t).sum(0))
             sums[epsilon] = batch if epsilon not in sums else tuple(
                 s + b for s, b in zip(sums[epsilon], batch))
+        cached += t.nbytes + sum(y.nbytes for y in ys.values())
+        cache = cache + [(t, ys)] if cache is not None and cached <= CACHE_BYTES else None
     # The epsilon whose least-squares fit leaves the smallest residual (a larger epsilon
     # keeps part of each example's scale, which BN keeps and GN removes).
     fits = {eps: _fit(new, s[:5]) for eps, s in sums.items()}
-    epsilon = min(candidates, key=lambda eps: _sse(new, sums[eps], *fits[eps][:2]))
+    epsilon = min(candidates, key=lambda eps: _sse(sums[eps], *fits[eps][:2]))
     new.epsilon = epsilon
     gamma, beta, mean_y, std_y = fits[epsilon]
     if gamma is not None:
@@ -270,8 +270,11 @@ def _calibrate_pair(pair, old_reader, new_reader, batches, epsilon_factors=()):
         _undo_proxy_affine(pair)
     # The layer's output as the next layers see it (PN's affine undone), against the BN's.
     err2 = ref2 = 0.0
-    for t, x_new in (cache if cache is not None else (read(x) for x in batches)):
-        y = regressor(x_new, epsilon)
+    if cache is not None:
+        target_regressor = ((t, ys[epsilon]) for t, ys in cache)
+    else:
+        target_regressor = ((t, regressor(x_new, epsilon)) for t, x_new in map(read, batches))
+    for t, y in target_regressor:
         fitted = _activation(new, _pre_activation(new, y, gamma, beta))
         target = _activation(new, t)
         err2 += float(((fitted - target) ** 2).sum())
@@ -294,7 +297,7 @@ def _undo_proxy_affine(pair):
         _assign(pair.inverse.beta, mean)
 
 
-def calibrate(old_model, new_model, pairs, batches, epsilon_factors=None):
+def calibrate(old_model, new_model, pairs, batches):
     """Calibrates `pairs` in order; returns each one's relative error and the model's.
 
     The error of a layer is `||f' - f|| / ||f||` over the calibration data, `f` the BN
@@ -302,9 +305,7 @@ def calibrate(old_model, new_model, pairs, batches, epsilon_factors=None):
     converted model's, PN's output affine undone (as the next layers see it).
     """
     old_reader, new_reader = _Reader(old_model), _Reader(new_model)
-    if epsilon_factors is None:
-        epsilon_factors = EPSILON_FACTORS
-    errors = [_calibrate_pair(pair, old_reader, new_reader, batches, epsilon_factors)
+    errors = [_calibrate_pair(pair, old_reader, new_reader, batches, EPSILON_FACTORS)
               for pair in pairs]
     err2 = ref2 = 0.0
     for x in batches:
