@@ -90,7 +90,7 @@ def parse(argv):
 
 def _randomize(model, rng):
     """Non-trivial norm parameters (as after training), so that folding has work to do."""
-    for layer in model._flatten_layers(include_self=False):
+    for layer in model.layers:                  # the builders make flat functional models
         for name in ("gamma", "beta", "proxy_beta", "proxy_gamma"):
             w = getattr(layer, name, None)
             if w is not None and hasattr(w, "assign"):

@@ -179,7 +179,7 @@ def prepare(args, method, seed, tasks):
     bn_model = pretrained(args, "bn", seed, tasks["a"])
     if method in ("bn", "frozen_bn"):
         if method == "frozen_bn":
-            for layer in bn_model._flatten_layers():
+            for layer in bn_model.layers:            # a flat functional model
                 if isinstance(layer, tfpn.BatchNormAct):
                     layer.trainable = False
         return bn_model, None

@@ -15,8 +15,9 @@ from tf_proxynorm.export import export_saved_model
 from tf_proxynorm.fold import fold_for_inference
 from tf_proxynorm.layers import (BatchGroupNormalization, BatchNormAct, CBNConv2D,
                                  CrossIterationBatchNormalization, EvoNormB0, EvoNormS0,
-                                 GroupNormAct, InstanceEnhancementBatchNormalization,
-                                 InstanceNormAct, LayerNormAct, ProxyNormAct, WSConv2D,
+                                 GroupNormAct, InferenceGroupNormAct,
+                                 InstanceEnhancementBatchNormalization, InstanceNormAct,
+                                 LayerNormAct, ProxyNormAct, WSConv2D,
                                  available_norm_acts, conv_norm_layers, get_norm_act_layer,
                                  register_norm_act, resolve_norm_act)
 from tf_proxynorm.version import __version__

@@ -244,8 +244,8 @@ def fold_for_inference(model, *, return_report=False, inference_layers=True):
     This is the form with `inference_layers=False`. With `inference_layers=True` (the
     default, and what `export_saved_model` uses), every GN/LN/IN layer,
     with or without PN, and every `ShiftedGroupNormAct` becomes an `InferenceGroupNormAct`:
-    the same function at inference in few large TensorFlow ops (one-pass shifted
-    statistics, one multiply-add and the activation), the PN affine kept as its output
+    the same function at inference in few large TensorFlow ops (two sums over the
+    positions, one multiply-add and the activation), the PN affine kept as its output
     scale and offset (no `ChannelAffine`, nothing moved into the next layer). It
     serves fastest on TensorFlow's graph executor, XLA and TFLite, but is inference-only
     (no gradient contract, no fused op). There the PN affine always stays in the layer

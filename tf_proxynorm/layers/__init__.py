@@ -13,4 +13,5 @@ from tf_proxynorm.layers.cross_iteration_bn import (CBNConv2D, CrossIterationBat
                                                     conv_norm_layers)
 from tf_proxynorm.layers.evonorm import EvoNormB0, EvoNormS0
 from tf_proxynorm.layers.iebn import InstanceEnhancementBatchNormalization
+from tf_proxynorm.layers.inference_norm import InferenceGroupNormAct
 from tf_proxynorm.layers.weight_standardization import WSConv2D, standardize_kernel

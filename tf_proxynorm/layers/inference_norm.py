@@ -12,16 +12,19 @@ its proxy statistics into per-channel constants. It is forward-only (no custom g
 no implementation switch, no fused op) and written for TensorFlow's graph executor, XLA
 and TFLite alike: per call and per layer, on the full-size tensor,
 
-- one subtraction `d = x - shift` (`shift` = each channel's value at the first position),
-- two reductions over the positions, `sum(d)` and `sum(d * d)` (one pass each),
-- one multiply-add `d * S + B` and the activation, with the per-(example, channel) `S`,
+- two reductions over the positions, `sum(x)` and `sum(x * x)` (a batched matmul with a
+  row of ones in the graph executor, a reduction under XLA),
+- one multiply-add `x * S + B` and the activation, with the per-(example, channel) `S`,
   `B` computed on `(N, C)` tensors. With ReLU, a PN output offset rides in the same ops:
   `relu(z) + b = maximum(z + b, b)`; a positive output scale of a positively homogeneous
   activation (ReLU, leaky ReLU, identity) is folded into `gamma` and `beta` beforehand.
 
-Numerics (the shift idea of `tf_proxynorm.ops.group_norm._moments`): each channel's sums
-are taken of `d = x - shift_c` with `shift_c` one of its own values, so inputs with a large
-offset (mean 1e4, std 1) keep their precision; the per-channel variances
+Numerics: `var = E[x^2] - E[x]^2` from raw sums loses about `log2(1 + mean^2 / var)` bits,
+so a call uses it only when every group of every example has `mean^2 <= RAW_MEAN_RATIO *
+var` (|mean| <= 4 std, the case of post-conv activations; one `cond` on a scalar).
+Otherwise (inputs such as mean 1e4, std 1) the call takes the shifted form, one pass more
+(the shift idea of `tf_proxynorm.ops.group_norm._moments`): each channel's sums are taken
+of `d = x - shift_c` with `shift_c` one of its own values; the per-channel variances
 `(sum(d^2) - sum(d)^2 / P) / P` are exact up to float32 rounding of the deviations times
 `1 + (shift_c - mean_c)^2 / var_c` (a small number unless the first position is an
 outlier of its channel), and channels are combined within a group with Chan's formula
@@ -49,6 +52,18 @@ HOMOGENEOUS = ("identity", "relu", "leaky_relu")
 # into a reduction in a slow layout (ResNet-50 224x224 batch 8, XLA: 1.29x BN with "sum",
 # 1.95x with "matmul"; graph: 1.30x with "matmul", 1.38x with "sum"), else "matmul".
 REDUCTION = "auto"
+
+# The raw sums `sum(x)`, `sum(x * x)` serve a call when every group of every example has
+# `mean^2 <= RAW_MEAN_RATIO * variance` (|mean| <= 4 std: at most ~4 bits lost to the
+# cancellation in `E[x^2] - E[x]^2`, about the shifted form's typical loss); otherwise the
+# call takes the shifted form (one more pass). Post-conv activations are in the first case
+# (every layer of the benchmarked ResNet-50s); the shift is for inputs such as mean 1e4, std
+# 1. benchmarks/bench_serve_layer.py, (8, 56, 56, 256), 32 groups: 3.3 relu passes against
+# 4.1 (shifted) in the graph executor, 2.6 against 3.8 under XLA; the `cond` itself costs
+# nothing measurable (ResNet-50 SavedModel, one `cond` per layer or per model: same time).
+RAW_MEAN_RATIO = 16.0
+# "auto" (the above), or "raw" / "shifted" for every call (for tests and measurements).
+STATISTICS = "auto"
 
 
 def _under_xla():
@@ -133,18 +148,55 @@ def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
         count = float(positions)
     else:
         count = ops.cast(ops.shape(view)[1 if last else 2], dtype)
-    shift = view[:, :1, :] if last else view[:, :, :1]    # each channel's first value
-    d = view - shift
-    s1 = _sum_positions(d, last, positions)
-    s2 = _sum_positions(d * d, last, positions)
-    mean_c = s1 / count                                 # channel mean - shift_c
-    m2_c = ops.maximum(s2 - s1 * mean_c, 0.0)           # centered sum of squares
     gamma = ops.cast(gamma, dtype)
     beta = ops.cast(beta, dtype)
-    if per_group == 1:
-        scale = ops.reshape(gamma, nc) * ops.rsqrt(m2_c / count + epsilon)
-        bias = ops.reshape(beta, nc) - mean_c * scale
-    else:
+    offset = None if output_offset is None else ops.reshape(ops.cast(output_offset, dtype), nc)
+    out_scale = None if output_scale is None else ops.reshape(ops.cast(output_scale, dtype), nc)
+
+    def per_channel(mean_g, var_g, rel=None):
+        """gamma / sqrt(var_g + eps) and beta - mean_g * that, per (example, channel);
+        `mean_g` relative to each channel's `rel`-shifted origin."""
+        if per_group == 1:
+            scale = ops.reshape(gamma, nc) * ops.rsqrt(var_g + epsilon)
+            return scale, ops.reshape(beta, nc) - mean_g * scale
+        g3 = (1, groups, per_group)
+        scale3 = ops.reshape(gamma, g3) * ops.rsqrt(var_g + epsilon)        # (N, G, Cg)
+        bias3 = ops.reshape(beta, g3) - (mean_g if rel is None else mean_g - rel) * scale3
+        return (ops.reshape(scale3, (-1,) + nc[1:]), ops.reshape(bias3, (-1,) + nc[1:]))
+
+    def output(d, scale, bias):
+        if offset is not None and out_scale is None and name in ("identity", "relu"):
+            # act(z) + b: identity: z + b; relu: maximum(z + b, b). Same ops as act(z).
+            z = d * scale + (bias + offset)
+            return back(z if name == "identity" else ops.maximum(z, offset))
+        y = act(d * scale + bias)
+        if out_scale is not None:
+            y = y * out_scale
+        if offset is not None:
+            y = y + offset
+        return back(y)
+
+    def group_mean(t):          # per-(example, channel) -> per-(example, group)
+        if per_group == 1:
+            return t
+        return ops.mean(ops.reshape(t, (-1, groups, per_group)), axis=2, keepdims=True)
+
+    # Raw sums: E[x^2] - E[x]^2 loses about log2(1 + mean^2 / var) bits.
+    mean = group_mean(_sum_positions(view, last, positions)) / count
+    var = group_mean(_sum_positions(view * view, last, positions)) / count - mean * mean
+
+    def raw():
+        return output(view, *per_channel(mean, ops.maximum(var, 0.0)))
+
+    def shifted():
+        shift = view[:, :1, :] if last else view[:, :, :1]    # each channel's first value
+        d = view - shift
+        s1 = _sum_positions(d, last, positions)
+        s2 = _sum_positions(d * d, last, positions)
+        mean_c = s1 / count                                 # channel mean - shift_c
+        m2_c = ops.maximum(s2 - s1 * mean_c, 0.0)           # centered sum of squares
+        if per_group == 1:
+            return output(d, *per_channel(mean_c, m2_c / count))
         g3 = (-1, groups, per_group)
         sh = ops.reshape(shift, g3)
         rel = sh - sh[:, :, :1]                           # shift_c - shift of the group's 1st
@@ -152,24 +204,13 @@ def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
         mu_g = ops.mean(mu, axis=2, keepdims=True)        # (N, G, 1)
         dev = mu - mu_g
         m2 = ops.sum(ops.reshape(m2_c, g3) + count * (dev * dev), axis=2, keepdims=True)
-        inv = ops.rsqrt(m2 / (count * per_group) + epsilon)      # (N, G, 1)
-        scale3 = ops.reshape(gamma, (1, groups, per_group)) * inv
         # x - mean_g = d - e with e = mu_g - rel (the group mean relative to shift_c).
-        bias3 = ops.reshape(beta, (1, groups, per_group)) - (mu_g - rel) * scale3
-        scale = ops.reshape(scale3, (-1,) + nc[1:])
-        bias = ops.reshape(bias3, (-1,) + nc[1:])
-    offset = None if output_offset is None else ops.reshape(ops.cast(output_offset, dtype), nc)
-    out_scale = None if output_scale is None else ops.reshape(ops.cast(output_scale, dtype), nc)
-    if offset is not None and out_scale is None and name in ("identity", "relu"):
-        # act(z) + b: identity: z + b; relu: maximum(z + b, b). Same ops as act(z) alone.
-        z = d * scale + (bias + offset)
-        return back(z if name == "identity" else ops.maximum(z, offset))
-    y = act(d * scale + bias)
-    if out_scale is not None:
-        y = y * out_scale
-    if offset is not None:
-        y = y + offset
-    return back(y)
+        return output(d, *per_channel(mu_g, m2 / (count * per_group), rel))
+
+    if STATISTICS != "auto":
+        return raw() if STATISTICS == "raw" else shifted()
+    # NaN or inf statistics compare False and take the shifted form (which propagates them).
+    return ops.cond(ops.all(mean * mean <= RAW_MEAN_RATIO * var), raw, shifted)
 
 
 def _per_channel(v, y, axis):

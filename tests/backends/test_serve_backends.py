@@ -1,0 +1,75 @@
+"""The serving form `InferenceGroupNormAct` on the running Keras backend against the float64
+NumPy reference (`tests/reference.py`), eagerly and compiled (`model.predict` with
+`jit_compile=JIT_COMPILE`: XLA on TensorFlow and JAX).
+
+Its statistics come two ways (`tf_proxynorm.layers.inference_norm`): raw sums when every
+group's mean is within `RAW_MEAN_RATIO ** 0.5` standard deviations of zero, shifted sums
+otherwise. Each way is tested on its own (`inference_norm.STATISTICS`) and as routed by
+default, and an input of mean 1e4 shows that the routing matters: the raw sums lose it.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import reference as R
+from backend_helpers import JIT_COMPILE, to_numpy
+from tf_proxynorm.layers import InferenceGroupNormAct
+from tf_proxynorm.layers import inference_norm
+
+CHANNELS = 8
+
+
+def _layer_and_reference(rng, groups, axis, shape):
+    layer = InferenceGroupNormAct(groups=groups, activation="relu", axis=axis, epsilon=1e-3,
+                                  use_output_offset=True)
+    layer.build(shape)
+    values = {"gamma": 1.0 + 0.3 * rng.standard_normal(CHANNELS),
+              "beta": 0.3 * rng.standard_normal(CHANNELS),
+              "output_offset": 0.3 * rng.standard_normal(CHANNELS)}
+    for name, value in values.items():
+        getattr(layer, name).assign(value.astype("float32"))
+    per_channel = [1] * len(shape)
+    per_channel[axis] = CHANNELS
+
+    def reference(x):
+        y = R.group_norm_act(x.astype(np.float64), groups, axis=axis, activation="relu",
+                             epsilon=1e-3, gamma=values["gamma"], beta=values["beta"])
+        return y + values["output_offset"].reshape(per_channel)
+    return layer, reference
+
+
+def _outputs(layer, x):
+    """The layer's output eagerly and through a compiled `predict`."""
+    inputs = keras.Input(x.shape[1:])
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(jit_compile=JIT_COMPILE)
+    return to_numpy(layer(x)), to_numpy(model.predict_on_batch(x))
+
+
+@pytest.mark.parametrize("statistics", ["auto", "shifted", "raw"])
+@pytest.mark.parametrize("mean", [0.0, 3.5])
+@pytest.mark.parametrize("groups,axis", [(1, -1), (2, -1), (8, -1), (2, 1)])
+def test_both_statistics_match_float64_reference(rng, monkeypatch, statistics, mean, groups,
+                                                 axis):
+    monkeypatch.setattr(inference_norm, "STATISTICS", statistics)
+    shape = (3, 5, 6, CHANNELS) if axis == -1 else (3, CHANNELS, 5, 6)
+    layer, reference = _layer_and_reference(rng, groups, axis, shape)
+    x = (mean + rng.standard_normal(shape)).astype("float32")
+    want = reference(x)
+    for got in _outputs(layer, x):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_large_offset_takes_the_shifted_statistics(rng, monkeypatch, groups):
+    """Mean 1e4, std 1: exact to float32 rounding as routed; the raw sums alone are off
+    by more than 1e-2 (E[x^2] ~ 1e8 has a float32 spacing of 8)."""
+    shape = (2, 5, 5, CHANNELS)
+    layer, reference = _layer_and_reference(rng, groups, -1, shape)
+    x = (1e4 + rng.standard_normal(shape)).astype("float32")
+    want = reference(x)
+    for got in _outputs(layer, x):
+        np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
+    monkeypatch.setattr(inference_norm, "STATISTICS", "raw")
+    assert np.abs(to_numpy(layer(x)) - want).max() > 1e-2
