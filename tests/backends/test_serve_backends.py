@@ -61,6 +61,19 @@ def test_both_statistics_match_float64_reference(rng, monkeypatch, statistics, m
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("statistics", ["auto", "raw"])
+def test_epsilon_dominated_variance_takes_the_raw_statistics(rng, monkeypatch, statistics):
+    """Mean 0.1, std 1e-3, epsilon 1e-3: mean^2 = 1e-2 <= 16 (var + epsilon), so the raw sums
+    serve, and they are accurate for `var + epsilon` although not for `var` alone."""
+    monkeypatch.setattr(inference_norm, "STATISTICS", statistics)
+    shape = (3, 5, 6, CHANNELS)
+    layer, reference = _layer_and_reference(rng, 2, -1, shape)
+    x = (0.1 + 1e-3 * rng.standard_normal(shape)).astype("float32")
+    want = reference(x)
+    for got in _outputs(layer, x):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 8])
 def test_large_offset_takes_the_shifted_statistics(rng, monkeypatch, groups):
     """Mean 1e4, std 1: exact to float32 rounding as routed; the raw sums alone are off

@@ -21,7 +21,8 @@ and TFLite alike: per call and per layer, on the full-size tensor,
 
 Numerics: `var = E[x^2] - E[x]^2` from raw sums loses about `log2(1 + mean^2 / var)` bits,
 so a call uses it only when every group of every example has `mean^2 <= RAW_MEAN_RATIO *
-var` (|mean| <= 4 std, the case of post-conv activations; one `cond` on a scalar).
+(var + epsilon)` (|mean| <= 4 std, the case of post-conv activations; one `cond` on a
+scalar).
 Otherwise (inputs such as mean 1e4, std 1) the call takes the shifted form, one pass more
 (the shift idea of `tf_proxynorm.ops.group_norm._moments`): each channel's sums are taken
 of `d = x - shift_c` with `shift_c` one of its own values; the per-channel variances
@@ -54,9 +55,9 @@ HOMOGENEOUS = ("identity", "relu", "leaky_relu")
 REDUCTION = "auto"
 
 # The raw sums `sum(x)`, `sum(x * x)` serve a call when every group of every example has
-# `mean^2 <= RAW_MEAN_RATIO * variance` (|mean| <= 4 std: at most ~4 bits lost to the
-# cancellation in `E[x^2] - E[x]^2`, about the shifted form's typical loss); otherwise the
-# call takes the shifted form (one more pass). Post-conv activations are in the first case
+# `mean^2 <= RAW_MEAN_RATIO * (variance + epsilon)` (|mean| <= 4 std: at most ~4 bits of
+# `variance + epsilon` lost to the cancellation in `E[x^2] - E[x]^2`, about the shifted
+# form's typical loss); otherwise the call takes the shifted form (one more pass). Post-conv activations are in the first case
 # (every layer of the benchmarked ResNet-50s); the shift is for inputs such as mean 1e4, std
 # 1. benchmarks/bench_serve_layer.py, (8, 56, 56, 256), 32 groups: 3.3 relu passes against
 # 4.1 (shifted) in the graph executor, 2.6 against 3.8 under XLA; the `cond` itself costs
@@ -210,7 +211,7 @@ def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
     if STATISTICS != "auto":
         return raw() if STATISTICS == "raw" else shifted()
     # NaN or inf statistics compare False and take the shifted form (which propagates them).
-    return ops.cond(ops.all(mean * mean <= RAW_MEAN_RATIO * var), raw, shifted)
+    return ops.cond(ops.all(mean * mean <= RAW_MEAN_RATIO * (var + epsilon)), raw, shifted)
 
 
 def _per_channel(v, y, axis):
