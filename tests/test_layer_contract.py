@@ -31,6 +31,9 @@ LAYERS = {
     "InstanceNormAct": (tfpn.layers.InstanceNormAct, dict(proxy_norm=True), SHAPE, 4, 0),
     "ShiftedGroupNormAct": (tfpn.layers.ShiftedGroupNormAct, dict(groups=4), SHAPE, 3, 0),
     "ProxyNormAct": (tfpn.layers.ProxyNormAct, dict(activation="gelu"), SHAPE, 4, 0),
+    # The serving form: forward only, its weights frozen.
+    "InferenceGroupNormAct": (tfpn.layers.InferenceGroupNormAct,
+                              dict(groups=4, use_output_offset=True), SHAPE, 0, 3),
     "ChannelAffine": (tfpn.layers.ChannelAffine, dict(activation="relu"), SHAPE, 2, 0),
     "EvoNormB0": (tfpn.layers.EvoNormB0, {}, SHAPE, 3, 1),
     "EvoNormS0": (tfpn.layers.EvoNormS0, dict(groups=4), SHAPE, 3, 0),
@@ -134,6 +137,8 @@ NON_DEFAULT = [
     (L.InstanceNormAct, dict(proxy_norm=True, proxy_epsilon=0.1, gamma_constraint="non_neg")),
     (L.ShiftedGroupNormAct, dict(groups=1, activation="leaky_relu")),
     (L.ProxyNormAct, dict(proxy_epsilon=0.1, scale=False, proxy_gamma_initializer="ones")),
+    (L.InferenceGroupNormAct, dict(groups=2, activation="silu", axis=1, epsilon=1e-4,
+                                   use_output_scale=True)),
     (L.ChannelAffine, dict(scale=False, axis=1)),
     (L.BatchNormAct, dict(momentum=0.9, synchronized=True, moving_variance_initializer="zeros")),
     (L.EvoNormS0, dict(group_size=4, v_regularizer="l2")),

@@ -30,6 +30,9 @@ LAYERS = {
     "ShiftedGroupNormAct": (L.ShiftedGroupNormAct, dict(groups=3), 3, 0),
     "ProxyNormAct": (L.ProxyNormAct, dict(activation="gelu"), 4, 0),
     "ChannelAffine": (L.ChannelAffine, dict(activation="relu"), 2, 0),
+    # What `fold_for_inference` makes of GN/LN/IN(+PN): forward only, weights frozen.
+    "InferenceGroupNormAct": (L.InferenceGroupNormAct, dict(groups=3, use_output_offset=True),
+                              0, 3),
 }
 # The factory names built on these layers (the others: tests of their own layers).
 FACTORY_NAMES = ["bn", "gn", "gn+pn", "in", "in+pn", "ln", "ln+pn", "pn"]
