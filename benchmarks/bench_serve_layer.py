@@ -1,7 +1,8 @@
 """One serving-form norm layer's cost, in passes of a ReLU over the same tensor.
 
 `bench_serve.py` times whole networks; this times the layer it is made of
-(`tf_proxynorm.layers.inference_norm.group_norm_act_inference`, GN with 32 groups + ReLU +
+(`tf_proxynorm.layers.inference_norm.group_norm_act_inference`, GN with 32 groups (or the
+largest divisor of C below) + ReLU +
 a PN output offset, as `export_saved_model` leaves a GN+PN layer) on the shapes of
 ResNet-50's stages, next to a ReLU, which is about what BN costs at inference once folded
 into the convolution (XLA: the affine + ReLU pass after the conv; the graph executor's
@@ -40,6 +41,8 @@ GROUPS = 32
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
+                   help="HxWxC per example, comma-separated")
     p.add_argument("--paths", default=",".join(PATHS))
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=5)
@@ -47,6 +50,13 @@ def parse(argv):
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.paths = args.paths.split(",")
+    try:
+        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        p.error(f"--shapes takes HxWxC,...; Received: --shapes={args.shapes}")
+    args.shapes = shapes
     bad = [q for q in args.paths if q not in PATHS]
     if bad:
         p.error(f"unknown --paths {bad}; choose from {list(PATHS)}")
@@ -56,6 +66,7 @@ def parse(argv):
 def _functions(shape, rng):
     """{name: f(x)} for the ReLU and each statistics setting (set while tracing)."""
     c = shape[-1]
+    groups = max(g for g in range(1, GROUPS + 1) if c % g == 0)   # as convert_model's rule
     gamma, beta, offset = (tf.constant(v.astype("float32")) for v in
                            (1 + 0.2 * rng.standard_normal(c), 0.2 * rng.standard_normal(c),
                             0.2 * rng.standard_normal(c)))
@@ -65,7 +76,7 @@ def _functions(shape, rng):
             saved, inference_norm.STATISTICS = inference_norm.STATISTICS, statistics
             try:
                 return inference_norm.group_norm_act_inference(
-                    x, gamma, beta, groups=GROUPS, epsilon=1e-5, output_offset=offset)
+                    x, gamma, beta, groups=groups, epsilon=1e-5, output_offset=offset)
             finally:
                 inference_norm.STATISTICS = saved
         return f
@@ -119,7 +130,8 @@ def measure(shape, path, args, rng):
 def main(argv=None):
     args = parse(argv)
     rng = np.random.default_rng(0)
-    shapes = [(2, 8, 8, 64)] if args.quick else [(b,) + s for b in args.batches for s in SHAPES]
+    shapes = [(2, 8, 8, 64)] if args.quick else [(b,) + s for b in args.batches
+                                                 for s in args.shapes]
     if args.quick:
         args.rounds = 2
     rows = []

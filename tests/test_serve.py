@@ -249,3 +249,6 @@ def test_bench_serve_layer_quick_mode(capsys):
         assert r["relu"] == 1.0
         assert all(np.isfinite(r[s]) and r[s] > 0 for s in bench.STATISTICS)
     assert "shifted" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes=8x8"])
+    assert "Received: --shapes=8x8" in capsys.readouterr().err

@@ -4,8 +4,9 @@ NumPy reference (`tests/reference.py`), eagerly and compiled (`model.predict` wi
 
 Its statistics come two ways (`tf_proxynorm.layers.inference_norm`): raw sums when every
 group's mean is within `RAW_MEAN_RATIO ** 0.5` standard deviations of zero, shifted sums
-otherwise. Each way is tested on its own (`inference_norm.STATISTICS`) and as routed by
-default, and an input of mean 1e4 shows that the routing matters: the raw sums lose it.
+otherwise (and maps smaller than `RAW_MIN_SIZE` always shifted, without the `cond`). Each
+way is tested on its own (`inference_norm.STATISTICS`) and as routed by the `cond`, and an
+input of mean 1e4 shows that the routing matters: the raw sums lose it.
 """
 
 import keras
@@ -18,6 +19,13 @@ from tf_proxynorm.layers import InferenceGroupNormAct
 from tf_proxynorm.layers import inference_norm
 
 CHANNELS = 8
+
+
+@pytest.fixture(autouse=True)
+def _cond_at_every_size(monkeypatch):
+    """These maps are below `RAW_MIN_SIZE` (which sends small maps to the shifted form
+    without a `cond`): lift it, so that "auto" runs the `cond`."""
+    monkeypatch.setattr(inference_norm, "RAW_MIN_SIZE", 0)
 
 
 def _layer_and_reference(rng, groups, axis, shape):

@@ -22,8 +22,9 @@ and TFLite alike: per call and per layer, on the full-size tensor,
 Numerics: `var = E[x^2] - E[x]^2` from raw sums loses about `log2(1 + mean^2 / var)` bits,
 so a call uses it only when every group of every example has `mean^2 <= RAW_MEAN_RATIO *
 (var + epsilon)` (|mean| <= 4 std, the case of post-conv activations; one `cond` on a
-scalar).
-Otherwise (inputs such as mean 1e4, std 1) the call takes the shifted form, one pass more
+scalar), and only on maps of at least `RAW_MIN_SIZE` values per example (below, the `cond`
+costs more than the pass it saves). Otherwise (inputs such as mean 1e4, std 1, or small
+maps) the call takes the shifted form, one pass more
 (the shift idea of `tf_proxynorm.ops.group_norm._moments`): each channel's sums are taken
 of `d = x - shift_c` with `shift_c` one of its own values; the per-channel variances
 `(sum(d^2) - sum(d)^2 / P) / P` are exact up to float32 rounding of the deviations times
@@ -63,6 +64,12 @@ REDUCTION = "auto"
 # 4.1 (shifted) in the graph executor, 2.6 against 3.8 under XLA; the `cond` itself costs
 # nothing measurable (ResNet-50 SavedModel, one `cond` per layer or per model: same time).
 RAW_MEAN_RATIO = 16.0
+# Smaller maps (positions x channels per example, when static) always take the shifted form:
+# the pass the raw sums save there costs less than the `cond` (~20 us per call in the graph
+# executor and in TFLite, whose `If` also splits the XNNPACK delegate's partitions). CIFAR
+# ResNet-20 (at most 16K values per example), batch 1: TFLite 1.70x BN with the `cond`,
+# 1.68x shifted only; SavedModel 1.48x and 1.41x.
+RAW_MIN_SIZE = 1 << 16
 # "auto" (the above), or "raw" / "shifted" for every call (for tests and measurements).
 STATISTICS = "auto"
 
@@ -210,6 +217,8 @@ def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
 
     if STATISTICS != "auto":
         return raw() if STATISTICS == "raw" else shifted()
+    if positions is not None and positions * channels < RAW_MIN_SIZE:
+        return shifted()        # the pass it would save costs less than the `cond`
     # NaN or inf statistics compare False and take the shifted form (which propagates them).
     return ops.cond(ops.all(mean * mean <= RAW_MEAN_RATIO * (var + epsilon)), raw, shifted)
 
