@@ -58,11 +58,11 @@ REDUCTION = "auto"
 # The raw sums `sum(x)`, `sum(x * x)` serve a call when every group of every example has
 # `mean^2 <= RAW_MEAN_RATIO * (variance + epsilon)` (|mean| <= 4 std: at most ~4 bits of
 # `variance + epsilon` lost to the cancellation in `E[x^2] - E[x]^2`, about the shifted
-# form's typical loss); otherwise the call takes the shifted form (one more pass). Post-conv activations are in the first case
-# (every layer of the benchmarked ResNet-50s); the shift is for inputs such as mean 1e4, std
-# 1. benchmarks/bench_serve_layer.py, (8, 56, 56, 256), 32 groups: 3.3 relu passes against
-# 4.1 (shifted) in the graph executor, 2.6 against 3.8 under XLA; the `cond` itself costs
-# nothing measurable (ResNet-50 SavedModel, one `cond` per layer or per model: same time).
+# form's typical loss); otherwise the call takes the shifted form (one more pass).
+# Post-conv activations are in the first case (every layer of the benchmarked ResNet-50s);
+# the shift is for inputs such as mean 1e4, std 1. benchmarks/bench_serve_layer.py,
+# (8, 56, 56, 256), 32 groups: 3.3 relu passes against 4.1 (shifted) in the graph executor,
+# 2.6 against 3.8 under XLA.
 RAW_MEAN_RATIO = 16.0
 # Smaller maps (positions x channels per example, when static) always take the shifted form:
 # the pass the raw sums save there costs less than the `cond` (~20 us per call in the graph
@@ -189,11 +189,7 @@ def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
             return t
         return ops.mean(ops.reshape(t, (-1, groups, per_group)), axis=2, keepdims=True)
 
-    # Raw sums: E[x^2] - E[x]^2 loses about log2(1 + mean^2 / var) bits.
-    mean = group_mean(_sum_positions(view, last, positions)) / count
-    var = group_mean(_sum_positions(view * view, last, positions)) / count - mean * mean
-
-    def raw():
+    def raw(mean, var):
         return output(view, *per_channel(mean, ops.maximum(var, 0.0)))
 
     def shifted():
@@ -215,12 +211,17 @@ def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
         # x - mean_g = d - e with e = mu_g - rel (the group mean relative to shift_c).
         return output(d, *per_channel(mu_g, m2 / (count * per_group), rel))
 
-    if STATISTICS != "auto":
-        return raw() if STATISTICS == "raw" else shifted()
-    if positions is not None and positions * channels < RAW_MIN_SIZE:
-        return shifted()        # the pass it would save costs less than the `cond`
+    small = positions is not None and positions * channels < RAW_MIN_SIZE
+    if STATISTICS == "shifted" or (STATISTICS == "auto" and small):
+        return shifted()        # small maps: the pass raw sums save costs less than the `cond`
+    # Raw sums: E[x^2] - E[x]^2 loses about log2(1 + mean^2 / var) bits.
+    mean = group_mean(_sum_positions(view, last, positions)) / count
+    var = group_mean(_sum_positions(view * view, last, positions)) / count - mean * mean
+    if STATISTICS == "raw":
+        return raw(mean, var)
     # NaN or inf statistics compare False and take the shifted form (which propagates them).
-    return ops.cond(ops.all(mean * mean <= RAW_MEAN_RATIO * (var + epsilon)), raw, shifted)
+    return ops.cond(ops.all(mean * mean <= RAW_MEAN_RATIO * (var + epsilon)),
+                    lambda: raw(mean, var), shifted)
 
 
 def _per_channel(v, y, axis):
