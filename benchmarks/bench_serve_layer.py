@@ -1,10 +1,9 @@
 """One serving-form norm layer's cost, in passes of a ReLU over the same tensor.
 
 `bench_serve.py` times whole networks; this times the layer it is made of
-(`tf_proxynorm.layers.inference_norm.group_norm_act_inference`, GN with 32 groups (or the
-largest divisor of C below) + ReLU +
-a PN output offset, as `export_saved_model` leaves a GN+PN layer) on the shapes of
-ResNet-50's stages, next to a ReLU, which is about what BN costs at inference once folded
+(`tf_proxynorm.layers.inference_norm.group_norm_act_inference`, GN with 32 groups, or the
+largest divisor of C below, + ReLU + a PN output offset, as `export_saved_model` leaves a
+GN+PN layer) on the shapes of ResNet-50's stages, next to a ReLU, which is about what BN costs at inference once folded
 into the convolution (XLA: the affine + ReLU pass after the conv; the graph executor's
 oneDNN fuses even that). Paths: `graph` (`tf.function`, TensorFlow's graph executor, as a
 SavedModel is served), `xla` (`jit_compile=True`), `tflite` (`tf.lite.Interpreter`, 2

@@ -7,6 +7,8 @@ on the backend: the backend's autodiff, `JIT_COMPILE`). Fixtures and the per-lay
 """
 
 import gzip
+import importlib.util
+import pathlib
 
 import keras
 import numpy as np
@@ -87,3 +89,12 @@ def write_idx(path, array, dtype=np.uint8):
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "wb") as f:
         f.write(raw)
+
+
+def load_benchmark(name):
+    """The script `benchmarks/<name>.py` as a module (the benchmarks are not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

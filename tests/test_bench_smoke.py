@@ -2,7 +2,6 @@
 shape and report what they claim (the timings themselves are checked by reading the
 benchmark, not here)."""
 
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -12,16 +11,14 @@ import numpy as np
 import pytest
 
 import tf_proxynorm as tfpn
+from helpers import load_benchmark
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_norm.py"
+_BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_norm", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_norm")
 
 
 def test_pass_bytes_is_the_issue_five_pass_model(bench):
@@ -67,10 +64,7 @@ def test_quick_run_on_a_tiny_shape(bench, capsys):
 @pytest.mark.slow
 def test_bench_step_runs_end_to_end_on_a_tiny_model(capsys):
     """benchmarks/bench_step.py: whole training steps with and without XLA, ratios in one run."""
-    path = _PATH.with_name("bench_step.py")
-    spec = importlib.util.spec_from_file_location("bench_step", path)
-    step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step)
+    step = load_benchmark("bench_step")
     summary = step.main(["--models=cifar_resnet20", "--norms=gn+pn,keras_gn", "--jit=both",
                          "--cifar_batch=2", "--rounds=2", "--warmup=1"])
     out = capsys.readouterr().out
@@ -89,7 +83,7 @@ def test_bench_jax_runs_on_a_tiny_shape_under_the_jax_backend():
     per (shape, norm), the target line printed."""
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")
     out = subprocess.run(
-        [sys.executable, str(_PATH.parent / "bench_jax.py"), "--shapes=2x4x4x64",
+        [sys.executable, str(_BENCHMARKS / "bench_jax.py"), "--shapes=2x4x4x64",
          "--norms=gn,ln", "--rounds=2", "--markdown"],
         env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode in (0, 1), out.stderr[-3000:]   # 1: a target missed (timing noise)

@@ -2,7 +2,6 @@
 `export_saved_model`) against float64 NumPy references, and a smoke run of
 benchmarks/bench_serve.py."""
 
-import importlib.util
 import pathlib
 
 import keras
@@ -14,6 +13,7 @@ import reference as R
 import reference_other as RO
 import tf_proxynorm as tfpn
 from conftest import random_params, set_params
+from helpers import load_benchmark
 from tf_proxynorm.export import saved_model_op_types
 from tf_proxynorm.layers.inference_norm import InferenceGroupNormAct
 
@@ -201,10 +201,7 @@ def test_inference_model_keras_round_trip_and_xla(rng, tmp_path):
 
 @pytest.mark.slow
 def test_bench_serve_quick_mode(capsys):
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
-    spec = importlib.util.spec_from_file_location("bench_serve", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_serve")
     rows = bench.main(["--quick", "--size=8", "--markdown"])
     out = capsys.readouterr().out
     got = {(r["variant"], r["path"]) for r in rows}
@@ -239,10 +236,7 @@ def test_shared_and_nested_layers(rng):
 def test_bench_serve_layer_quick_mode(capsys):
     """benchmarks/bench_serve_layer.py runs on a tiny tensor through every path, checks that
     its statistics settings agree, and reports finite ratios to the ReLU."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve_layer.py"
-    spec = importlib.util.spec_from_file_location("bench_serve_layer", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_serve_layer")
     rows = bench.main(["--quick", "--calls=1"])
     assert [r["path"] for r in rows] == list(bench.PATHS)
     for r in rows:
