@@ -11,6 +11,8 @@ with each method:
 - `plain`: `tfpn.convert_model(model, "gn+pn")` (gamma/beta copied);
 - `calibrated`: `tfpn.convert_model(model, "gn+pn", calibration_data=...)` on
   `--calibration_images` task-A training images;
+- `distilled`: the same with `calibration_steps=--calibration_steps` (the calibrated norms
+  then trained on the BN model's logits on those images, no labels);
 - `gnpn_scratch`: a GN+PN ResNet-20 pretrained on task A from scratch with BN's recipe (no
   conversion), then fine-tuned like the others.
 
@@ -40,14 +42,17 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("bn", "frozen_bn", "plain", "calibrated", "gnpn_scratch")
+METHODS = ("bn", "frozen_bn", "plain", "calibrated", "distilled", "gnpn_scratch")
 LABELS = {"bn": "BN (training mode)", "frozen_bn": "FrozenBN", "plain": "GN+PN, plain conversion",
-          "calibrated": "GN+PN, calibrated conversion", "gnpn_scratch": "GN+PN from scratch"}
+          "calibrated": "GN+PN, calibrated conversion",
+          "distilled": "GN+PN, calibrated + distilled", "gnpn_scratch": "GN+PN from scratch"}
 SHORT_LABELS = {"bn": "BN\ntraining mode", "frozen_bn": "FrozenBN", "plain": "GN+PN\nplain conv.",
-                "calibrated": "GN+PN\ncalibrated", "gnpn_scratch": "GN+PN\nfrom scratch"}
+                "calibrated": "GN+PN\ncalibrated", "distilled": "GN+PN\ndistilled",
+                "gnpn_scratch": "GN+PN\nfrom scratch"}
 COLUMNS = ("method", "batch_size", "seed", "config_hash", "acc_a_before", "acc_b_after",
            "output_error", "finetune_seconds", "finished_at")
 PROTOCOL = 1
+CALIBRATION_STEPS = 800
 
 
 def parse_args(argv=None):
@@ -66,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--finetune_lr", type=float, default=0.1,
                    help="Learning rate at batch 64, scaled linearly with the batch.")
     p.add_argument("--calibration_images", type=int, default=256)
+    p.add_argument("--calibration_steps", type=int, default=CALIBRATION_STEPS,
+                   help="Distillation steps of the `distilled` method.")
     p.add_argument("--test_images", type=int, default=1000, help="Per task.")
     p.add_argument("--smoke", action="store_true",
                    help="Synthetic data, tiny sizes, one seed: checks the pipeline in seconds.")
@@ -76,12 +83,14 @@ def parse_args(argv=None):
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--conversion_sweep", action="store_true",
                    help="Instead of the study: seed 0's BN model converted with other norms, "
-                        "group counts, calibration sizes and fit targets (SWEEP), task-A "
-                        "accuracy and logits error, into out_dir/conversion_sweep.csv.")
+                        "group counts, calibration sizes, fit targets and distillation "
+                        "steps (SWEEP), task-A accuracy and logits error on the test images, "
+                        "into out_dir/conversion_sweep.csv.")
     args = p.parse_args(argv)
     if args.smoke:
         args.depth, args.pretrain_images, args.pretrain_epochs = 8, 128, 1
         args.finetune_steps, args.calibration_images, args.test_images = 4, 16, 32
+        args.calibration_steps = 3
         args.seeds = 1
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(args.methods) - set(METHODS))
@@ -101,6 +110,8 @@ def config_hash(args, keys=PRETRAIN_KEYS + ("finetune_steps", "finetune_lr", "te
     converted models only, which the cached `.keras` files are named by)."""
     config = {k: getattr(args, k) for k in keys}
     config["protocol"] = PROTOCOL
+    if args.calibration_steps != CALIBRATION_STEPS:   # only then: the rows from before the
+        config["calibration_steps"] = args.calibration_steps   # flag existed stay valid
     return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -170,6 +181,14 @@ def pretrained(args, norm, seed, task_a):
     return model
 
 
+def calibration_images(args, tasks, count):
+    """`count` task-A training images: those after the pretraining ones when there are
+    enough, else the first ones (the model saw them: fine for calibration)."""
+    xa = tasks["a"][0]
+    start = args.pretrain_images if len(xa) >= args.pretrain_images + count else 0
+    return xa[start:start + count]
+
+
 def prepare(args, method, seed, tasks):
     """`(model on task A, output relative error of a conversion or None)`."""
     import tf_proxynorm as tfpn
@@ -191,15 +210,11 @@ def prepare(args, method, seed, tasks):
         with open(path + ".json") as f:
             return keras.saving.load_model(path), json.load(f)["output_error"]
     calibration = None
-    if method == "calibrated":
-        # Calibration images: the training images after those used for pretraining when
-        # there are any, else the first ones (the model saw them: fine for calibration).
-        xa = tasks["a"][0]
-        start = args.pretrain_images if len(xa) >= args.pretrain_images + \
-            args.calibration_images else 0
-        calibration = xa[start:start + args.calibration_images]
-    model, report = tfpn.convert_model(bn_model, "gn+pn", groups=args.groups,
-                                       calibration_data=calibration)
+    if method in ("calibrated", "distilled"):
+        calibration = calibration_images(args, tasks, args.calibration_images)
+    model, report = tfpn.convert_model(
+        bn_model, "gn+pn", groups=args.groups, calibration_data=calibration,
+        calibration_steps=args.calibration_steps if method == "distilled" else 0)
     error = report[-1].error if calibration is not None else None
     model.save(path)
     with open(path + ".json", "w") as f:
@@ -238,21 +253,27 @@ def run_one(args, method, batch_size, seed, tasks):
             "finetune_seconds": f"{seconds:.1f}"}
 
 
-# (label, norm, groups or None, calibration images (0: plain conversion), fit target)
-SWEEP = (("GN+PN plain", "gn+pn", 8, 0, "model"),
-         ("GN+PN calibrated (the study's)", "gn+pn", 8, 256, "model"),
-         ("GN+PN calibrated, target: BN on the converted input", "gn+pn", 8, 256, "layer"),
-         ("GN+PN calibrated, 1024 images", "gn+pn", 8, 1024, "model"),
-         ("GN (no PN) calibrated", "gn", 8, 256, "model"),
-         ("GN+PN, 4 groups, calibrated", "gn+pn", 4, 256, "model"),
-         ("LN+PN calibrated", "ln+pn", None, 256, "model"),
-         ("IN+PN calibrated", "in+pn", None, 256, "model"),
-         ("GN+PN calibrated, epsilon search", "gn+pn", 8, 256, "model+epsilon"),
-         ("LN+PN calibrated, epsilon search", "ln+pn", None, 256, "model+epsilon"))
+# (label, norm, groups or None, calibration images (0: plain conversion), fit target,
+# distillation steps)
+SWEEP = (("GN+PN plain", "gn+pn", 8, 0, "model", 0),
+         ("GN+PN calibrated (the study's)", "gn+pn", 8, 256, "model", 0),
+         ("GN+PN calibrated, target: BN on the converted input", "gn+pn", 8, 256, "layer", 0),
+         ("GN+PN calibrated, 1024 images", "gn+pn", 8, 1024, "model", 0),
+         ("GN (no PN) calibrated", "gn", 8, 256, "model", 0),
+         ("GN+PN, 4 groups, calibrated", "gn+pn", 4, 256, "model", 0),
+         ("LN+PN calibrated", "ln+pn", None, 256, "model", 0),
+         ("IN+PN calibrated", "in+pn", None, 256, "model", 0),
+         ("GN+PN calibrated, epsilon search", "gn+pn", 8, 256, "model+epsilon", 0),
+         ("LN+PN calibrated, epsilon search", "ln+pn", None, 256, "model+epsilon", 0),
+         ("GN+PN calibrated + distilled 800 steps (the study's)", "gn+pn", 8, 256, "model", 800),
+         ("GN+PN calibrated + distilled 200 steps", "gn+pn", 8, 256, "model", 200),
+         ("GN+PN calibrated + distilled 1600 steps", "gn+pn", 8, 256, "model", 1600),
+         ("GN+PN calibrated + distilled 800 steps, 1024 images", "gn+pn", 8, 1024, "model", 800),
+         ("LN+PN calibrated + distilled 800 steps", "ln+pn", None, 256, "model", 800))
 # Epsilon candidates of the "+epsilon" rows (multiples of each layer's median group variance).
 SWEEP_EPSILON_FACTORS = (0.1, 1.0, 10.0, 100.0)
-SWEEP_COLUMNS = ("label", "norm", "groups", "calibration_images", "target", "acc_a",
-                 "logits_error", "bn_acc_a", "seconds")
+SWEEP_COLUMNS = ("label", "norm", "groups", "calibration_images", "target",
+                 "calibration_steps", "acc_a", "logits_error", "bn_acc_a", "seconds")
 
 
 def conversion_sweep(args):
@@ -267,21 +288,22 @@ def conversion_sweep(args):
     bn_acc = float(np.mean(np.argmax(ref, -1) == ya))
     path = os.path.join(args.out_dir, "conversion_sweep.csv")
     done = {r["label"] for r in read_rows(path)}
-    start_image = args.pretrain_images
-    for label, norm, groups, images, target in SWEEP:
+    for label, norm, groups, images, target, steps in SWEEP:
         if label in done:
             continue
         kwargs = {"groups": groups} if groups else {}
-        data = tasks["a"][0][start_image:start_image + images] if images else None
+        data = calibration_images(args, tasks, images) if images else None
         calibrate.TARGET = target.split("+")[0]
         calibrate.EPSILON_FACTORS = SWEEP_EPSILON_FACTORS if "+epsilon" in target else ()
         start = time.time()
-        model, _ = tfpn.convert_model(bn_model, norm, calibration_data=data, **kwargs)
+        model, _ = tfpn.convert_model(bn_model, norm, calibration_data=data,
+                                      calibration_steps=steps, **kwargs)
         calibrate.TARGET, calibrate.EPSILON_FACTORS = "model", ()
         seconds = time.time() - start
         out = model.predict(xa, batch_size=256, verbose=0)
         row = {"label": label, "norm": norm, "groups": groups or "", "calibration_images": images,
-               "target": target, "acc_a": f"{np.mean(np.argmax(out, -1) == ya):.4f}",
+               "target": target, "calibration_steps": steps,
+               "acc_a": f"{np.mean(np.argmax(out, -1) == ya):.4f}",
                "logits_error": f"{np.linalg.norm(out - ref) / np.linalg.norm(ref):.4f}",
                "bn_acc_a": f"{bn_acc:.4f}", "seconds": f"{seconds:.0f}"}
         _append(path, row, SWEEP_COLUMNS)
@@ -377,11 +399,12 @@ def write_report(args):
             after = _mean_se([float(r["acc_b_after"]) for r in rows])
             lines.append(f"| {LABELS[method]} | {batch_size} | {_fmt(before)} | {_fmt(after)} | "
                          f"{len(rows)} |")
-    errors = [float(r["output_error"]) for rows in cells.values() for r in rows
-              if r["output_error"]]
-    if errors:
-        lines += ["", f"Calibrated conversion: relative error of the logits against the BN "
-                  f"model on the calibration images, {min(errors):.4f}-{max(errors):.4f}."]
+    for method in ("calibrated", "distilled"):
+        errors = [float(r["output_error"]) for (m, _), rows in cells.items() if m == method
+                  for r in rows if r["output_error"]]
+        if errors and method in args.methods:
+            lines += ["", f"{LABELS[method]}: relative error of the logits against the BN "
+                      f"model on the calibration images, {min(errors):.4f}-{max(errors):.4f}."]
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
     with open(args.report, "w") as f:
         f.write("\n".join(lines) + "\n")

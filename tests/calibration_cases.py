@@ -1,5 +1,6 @@
-"""Models and data of the calibrated-conversion tests (tests/test_convert_calibrate.py and
-tests/backends/test_calibrate_backends.py): backend-neutral, `keras` and NumPy only."""
+"""Models and data of the calibrated-conversion tests (tests/test_convert_calibrate.py,
+tests/test_convert_distill.py and tests/backends/test_calibrate_backends.py):
+backend-neutral, `keras` and NumPy only."""
 
 import keras
 import numpy as np
@@ -22,6 +23,18 @@ def set_statistics(model, x, rng):
             else:
                 layer.momentum = 0.0
     model(x, training=True)
+
+
+def random_resnet(seed, size, n, num_classes=5, statistics_of=None):
+    """`(model, x)`: a BN CIFAR ResNet-8 with random weights on `size`x`size`x3 inputs, `n`
+    Gaussian inputs `x`, moving statistics those of `x[:statistics_of]` (all by default)."""
+    rng = np.random.default_rng(seed)
+    keras.utils.set_random_seed(seed)
+    model = tfpn.models.cifar_resnet(8, norm="bn", input_shape=(size, size, 3),
+                                     num_classes=num_classes, classifier_activation=None)
+    x = rng.standard_normal((n, size, size, 3)).astype("float32")
+    set_statistics(model, x[:statistics_of], rng)
+    return model, x
 
 
 def exact_model():

@@ -138,6 +138,18 @@ def test_nested_model_is_converted_recursively(rng):
     np.testing.assert_allclose(new(x).numpy(), new.layers[1](inner(x)).numpy(), atol=1e-6)
 
 
+def test_frozen_nested_model_stays_frozen():
+    base = _residual_model()
+    base.trainable = False                  # a frozen backbone under a trainable head
+    outer = keras.Sequential([keras.Input((6, 6, 8)), base, keras.layers.Dense(1, name="head")])
+    new, _ = tfpn.convert_model(outer, "gn+pn", groups=4)
+    inner = new.layers[0]
+    assert not inner.trainable and not inner.trainable_weights
+    assert new.trainable and len(new.trainable_weights) == 2        # the head's kernel, bias
+    frozen, _ = tfpn.convert_model(base, "gn+pn", groups=4)
+    assert not frozen.trainable
+
+
 def test_group_count_rule():
     assert [largest_divisor_at_most(c, 32) for c in (16, 24, 96, 144, 32, 40, 80, 112, 1152)] == [
         16, 24, 32, 24, 32, 20, 20, 28, 32]

@@ -307,10 +307,15 @@ def calibrate(old_model, new_model, pairs, batches):
     old_reader, new_reader = _Reader(old_model), _Reader(new_model)
     errors = [_calibrate_pair(pair, old_reader, new_reader, batches, EPSILON_FACTORS)
               for pair in pairs]
+    return errors, output_error(old_model, new_model, batches)
+
+
+def output_error(old_model, new_model, batches):
+    """`||f' - f|| / ||f||` of the models' outputs (all of them) over `batches`."""
     err2 = ref2 = 0.0
     for x in batches:
         ref = [absorb.to_float64(t) for t in keras.tree.flatten(old_model(x, training=False))]
         out = [absorb.to_float64(t) for t in keras.tree.flatten(new_model(x, training=False))]
         err2 += sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref))
         ref2 += sum(float((r ** 2).sum()) for r in ref)
-    return errors, float(np.sqrt(err2 / max(ref2, 1e-30)))
+    return float(np.sqrt(err2 / max(ref2, 1e-30)))

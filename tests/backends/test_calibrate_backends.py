@@ -2,8 +2,10 @@
 
 import keras
 import numpy as np
+import pytest
 
-from calibration_cases import exact_model, permutations, relative_error, set_statistics
+from calibration_cases import (exact_model, permutations, random_resnet, relative_error,
+                               set_statistics)
 import tf_proxynorm as tfpn
 
 
@@ -28,3 +30,13 @@ def test_calibrated_conversion_reproduces_the_bn_model():
     gn_plain, _ = tfpn.convert_model(model, "gn+pn", groups=2)
     assert (relative_error(gn(held_out), model(held_out))
             < relative_error(gn_plain(held_out), model(held_out)) / 2)
+
+
+def test_distillation_lowers_the_output_error():
+    model, x = random_resnet(1, 8, 64, num_classes=3)
+    new, report = tfpn.convert_model(model, "gn+pn", groups=4, calibration_data=x,
+                                     calibration_steps=30)
+    assert report[-1].action.startswith("distilled 30 steps")
+    assert report[-1].error == pytest.approx(relative_error(new(x), model(x)), rel=1e-3)
+    assert report[-1].error < 0.9 * report[-2].error, (report[-2].error, report[-1].error)
+    assert all(layer.trainable for layer in new.layers)
