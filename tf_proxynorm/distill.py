@@ -101,7 +101,8 @@ def distill(old_model, new_model, pairs, batches, steps):
         student = _Student(new_model)
         schedule = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)
         student.compile(optimizer=keras.optimizers.Adam(schedule), loss="mse")
-        student.fit(_Batches(x, targets, steps, BATCH_SIZE), epochs=1, verbose=0)
+        student.fit(_Batches(x, targets, steps, BATCH_SIZE), epochs=1, shuffle=False,
+                    verbose=0)            # _Batches shuffles
     finally:
         for layer, trainable in saved:          # outer first: inner flags win
             layer.trainable = trainable
