@@ -85,8 +85,9 @@ def trained_layers(pairs):
 
 def distill(old_model, new_model, pairs, batches, steps):
     """Trains `trained_layers(pairs)` of `new_model` for `steps` steps so that its outputs
-    match `old_model`'s on the calibration `batches` (NumPy arrays); every other weight is
-    frozen. The trainable flags of `new_model` and its layers are restored afterwards."""
+    match `old_model`'s on the calibration `batches` (NumPy arrays), whatever their
+    trainable flags; every other weight is frozen. The trainable flags of `new_model` and
+    its layers are restored afterwards."""
     x = np.concatenate(batches)
     targets = np.concatenate([keras.ops.convert_to_numpy(_outputs(old_model, b))
                               for b in batches])
