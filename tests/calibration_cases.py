@@ -56,6 +56,16 @@ def exact_model():
     return keras.Model(inputs, L.Dense(3, name="fc")(f), name="exact")
 
 
+def exact_case(rng, n, n_held_out):
+    """`(model, x, held_out)`: `exact_model()` with moving statistics those of `x`, `n` and
+    `n_held_out` spatial permutations of one random 6x6x4 image."""
+    base = rng.standard_normal((6, 6, 4)).astype("float32")
+    x, held_out = permutations(rng, n, base), permutations(rng, n_held_out, base)
+    model = exact_model()
+    set_statistics(model, x, rng)
+    return model, x, held_out
+
+
 def permutations(rng, n, base):
     flat = base.reshape(-1, base.shape[-1])
     return np.stack([flat[rng.permutation(len(flat))].reshape(base.shape) for _ in range(n)])

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import reference as R
-from calibration_cases import (exact_model, permutations, random_resnet, relative_error,
+from calibration_cases import (exact_case, exact_model, random_resnet, relative_error,
                                set_statistics)
 import tf_proxynorm as tfpn
 from tf_proxynorm._backend import all_layers
@@ -16,10 +16,7 @@ L = keras.layers
 
 
 def test_exact_case_every_absorption(rng):
-    base = rng.standard_normal((6, 6, 4)).astype("float32")
-    x, held_out = permutations(rng, 64, base), permutations(rng, 16, base)
-    model = exact_model()
-    set_statistics(model, x, rng)
+    model, x, held_out = exact_case(rng, 64, 16)
     new, report = tfpn.convert_model(model, "in+pn", calibration_data=x)
     # b1/b2/b4: IN+PN; b5 linear keeps its shift (calibration reproduces the BN's beta).
     assert new.get_layer("b5").center and not new.get_layer("b5").proxy_norm

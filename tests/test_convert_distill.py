@@ -4,8 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from calibration_cases import (exact_model, permutations, random_resnet, relative_error,
-                               set_statistics)
+from calibration_cases import exact_case, random_resnet, relative_error
 import tf_proxynorm as tfpn
 from tf_proxynorm._backend import all_layers
 from tf_proxynorm.layers.channel_affine import ChannelAffine
@@ -56,10 +55,7 @@ def test_an_exact_calibration_stays_exact():
     whose per-channel statistics are the population's), distillation keeps it."""
     rng = np.random.default_rng(0)
     keras.utils.set_random_seed(0)
-    base = rng.standard_normal((6, 6, 4)).astype("float32")
-    x, held_out = permutations(rng, 64, base), permutations(rng, 16, base)
-    model = exact_model()
-    set_statistics(model, x, rng)
+    model, x, held_out = exact_case(rng, 64, 16)
     new, report = tfpn.convert_model(model, "in+pn", calibration_data=x, calibration_steps=40)
     assert report[-2].error < 1e-4
     assert report[-1].error < 1e-3, report[-1].error

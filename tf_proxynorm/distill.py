@@ -64,7 +64,8 @@ class _Batches(keras.utils.PyDataset):
 
 def _walk(model):
     """`(containers, leaves)`: the nested models of `model` (itself first) and the other
-    layers, outer before inner."""
+    layers, outer before inner. Not `_backend.all_layers`: that also lists the sublayers of
+    a layer, which must follow their layer's flag, not get one of their own."""
     containers, leaves = [model], []
     for layer in model.layers:
         if isinstance(layer, keras.Model):

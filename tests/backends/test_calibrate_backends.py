@@ -4,8 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from calibration_cases import (exact_model, permutations, random_resnet, relative_error,
-                               set_statistics)
+from calibration_cases import exact_case, random_resnet, relative_error
 import tf_proxynorm as tfpn
 
 
@@ -13,10 +12,7 @@ import tf_proxynorm as tfpn
 def test_calibrated_conversion_reproduces_the_bn_model():
     rng = np.random.default_rng(0)
     keras.utils.set_random_seed(0)
-    base = rng.standard_normal((6, 6, 4)).astype("float32")
-    x, held_out = permutations(rng, 48, base), permutations(rng, 8, base)
-    model = exact_model()
-    set_statistics(model, x, rng)        # moving statistics = the data's
+    model, x, held_out = exact_case(rng, 48, 8)        # moving statistics = the data's
     batches = (x[i:i + 16] for i in range(0, len(x), 16))   # a generator of batches
     new, report = tfpn.convert_model(model, "in+pn", calibration_data=batches)
     errors = {s.old: s.error for s in report if s.error is not None}
