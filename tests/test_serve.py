@@ -246,3 +246,23 @@ def test_bench_serve_layer_quick_mode(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--shapes=8x8"])
     assert "Received: --shapes=8x8" in capsys.readouterr().err
+
+
+def test_profile_serve_quick_mode(capsys):
+    """benchmarks/profile_serve.py: per-op-type time of the BN model, the serving form and
+    the fused op's model, from real profiler traces (the serving form's sums are batched
+    matmuls, the fused model runs the custom op, BN runs neither)."""
+    bench = load_benchmark("profile_serve")
+    columns = bench.main(["--quick"])
+    assert {"bn", "serving"} <= set(columns)
+    for ops in columns.values():
+        assert ops["Run"] > 0 and ops["Conv2D"] > 0
+    assert columns["serving"]["BatchMatMulV2"] > 0
+    assert "BatchMatMulV2" not in columns["bn"]
+    assert not any(op.startswith("TfProxyNorm>") for op in columns["serving"])
+    if tfpn.fused_op_available():
+        assert columns["fused"]["TfProxyNorm>GroupNormAct"] > 0
+    assert "op type" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--calls=0"])
+    assert "Received: --calls=0" in capsys.readouterr().err
