@@ -10,10 +10,10 @@ is where Proxy Normalization needs it. Every other layer is cloned with its weig
 import collections
 
 import keras
-import numpy as np
 
 from tf_proxynorm import _backend, _graph
 from tf_proxynorm.absorb import absorbing_branches
+from tf_proxynorm.layers._args import check_int
 from tf_proxynorm.layers.factory import resolve_norm_act
 from tf_proxynorm.layers.norm_act import BatchNormAct, GroupNormAct
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
@@ -363,11 +363,8 @@ def convert_model(model, norm="gn+pn", *, copy_affine=True, calibration_data=Non
     >>> report[0]
     ConversionStep(old='conv2_block1_preact_bn', new='conv2_block1_preact_bn', action=...)
     """
-    if isinstance(calibration_steps, bool) or not isinstance(
-            calibration_steps, (int, np.integer)) or calibration_steps < 0:
-        raise ValueError("`calibration_steps` must be an integer >= 0 (the distillation "
-                         "steps after calibration). "
-                         f"Received: calibration_steps={calibration_steps!r}")
+    calibration_steps = check_int("calibration_steps", calibration_steps, lambda n: n >= 0,
+                                  "an integer >= 0 (the distillation steps after calibration)")
     if calibration_steps and calibration_data is None:
         raise ValueError("`calibration_steps` distills on `calibration_data`, which is None. "
                          "Pass calibration_data=<a few hundred inputs>. Received: "
@@ -394,7 +391,7 @@ def convert_model(model, norm="gn+pn", *, copy_affine=True, calibration_data=Non
     if calibration_steps:
         from tf_proxynorm import distill
 
-        distill.distill(model, new_model, converter.pairs, batches, int(calibration_steps))
+        distill.distill(model, new_model, converter.pairs, batches, calibration_steps)
         report.append(ConversionStep(
             model.name, new_model.name,
             f"distilled {calibration_steps} steps on {inputs} inputs: relative error of "
