@@ -10,7 +10,8 @@ init) are served four ways:
   built for unfolded models; folded models are `fold_for_inference(inference_layers=True)`);
 - `xla`: the same with `jit_compile=True` (reference path for unfolded models);
 - `tflite`: `tf.lite.TFLiteConverter.from_saved_model` of the SavedModel, run in
-  `tf.lite.Interpreter` (default builtin ops; XNNPACK).
+  `tf.lite.Interpreter` (default builtin ops; XNNPACK); for folded variants, of the
+  SavedModel exported with `statistics="shifted"` (no `If` ops), as docs/export.md advises.
 
 Variants: `bn` (baseline), `gn` (plain GN+ReLU, served in its inference form),
 `gn+pn` (not folded), `gn+pn_folded`, `ln+pn_folded`. In every round each (variant, path)
@@ -133,9 +134,14 @@ def build_callables(model_name, variant, size, batch, paths, workdir, rng):
         out["xla"] = lambda x, f=fn: f(x).numpy()
     if "tflite" in paths:
         try:
-            if sm_path not in _TFLITE:      # converted once per SavedModel
-                _TFLITE[sm_path] = tf.lite.TFLiteConverter.from_saved_model(sm_path).convert()
-            interpreter = tf.lite.Interpreter(model_content=_TFLITE[sm_path], num_threads=2)
+            tfl_path = sm_path
+            if folded and variant != BASELINE:      # as docs/export.md advises for TFLite
+                tfl_path = sm_path + "_shifted"
+                if not os.path.exists(tfl_path):
+                    tfpn.export_saved_model(model, tfl_path, statistics="shifted")
+            if tfl_path not in _TFLITE:      # converted once per SavedModel
+                _TFLITE[tfl_path] = tf.lite.TFLiteConverter.from_saved_model(tfl_path).convert()
+            interpreter = tf.lite.Interpreter(model_content=_TFLITE[tfl_path], num_threads=2)
             index = interpreter.get_input_details()[0]["index"]
             interpreter.resize_tensor_input(index, (batch, size, size, 3))
             interpreter.allocate_tensors()

@@ -219,3 +219,56 @@ def test_tflite_conversion_and_run(rng, tmp_path, activations):
     y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(y, _reference(model, x), atol=1e-4)
 
+
+
+def _tflite_run(content, x):
+    """The TFLite model's output for `x` and its op names."""
+    interpreter = tf.lite.Interpreter(model_content=content)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, x)
+    interpreter.invoke()
+    ops = [op["op_name"] for op in interpreter._get_ops_details()]
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), ops
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
+def test_tflite_export_without_control_flow(rng, tmp_path, monkeypatch):
+    """`statistics="shifted"`: no `IF` in the TFLite model (the default has one per norm
+    layer, its `cond`), and the same outputs, both against the float64 reference."""
+    from tf_proxynorm.layers import inference_norm
+    monkeypatch.setattr(inference_norm, "RAW_MIN_SIZE", 0)     # the `cond` at this size too
+    model = _model(rng)
+    x = rng.standard_normal((3, 6, 6, 3)).astype("float32")
+    want = _reference(model, x)
+    for statistics, ifs in (("auto", 2), ("shifted", 0)):
+        path = str(tmp_path / statistics)
+        tfpn.export_saved_model(model, path, statistics=statistics)
+        y, ops = _tflite_run(tf.lite.TFLiteConverter.from_saved_model(path).convert(), x)
+        assert ops.count("IF") == ifs, (statistics, ops)
+        assert "WHILE" not in ops
+        np.testing.assert_allclose(y, want, atol=1e-4)
+        loaded = tf.saved_model.load(path)
+        np.testing.assert_allclose(loaded.serve(x).numpy(), want, atol=1e-4)
+
+
+def test_statistics_argument_errors(rng, tmp_path):
+    model = _model(rng)
+    with pytest.raises(ValueError, match=r"`statistics` must be one of 'auto', 'shifted', "
+                                         r"'raw'. Received: statistics='fast'"):
+        tfpn.export_saved_model(model, str(tmp_path / "a"), statistics="fast")
+    with pytest.raises(ValueError, match=r"needs `fold=True`. Received: "
+                                         r"statistics='shifted', fold=False"):
+        tfpn.export_saved_model(model, str(tmp_path / "b"), fold=False, statistics="shifted")
+    with pytest.raises(ValueError, match=r"needs `inference_layers=True`. Received: "
+                                         r"statistics='raw', inference_layers=False"):
+        tfpn.fold_for_inference(model, inference_layers=False, statistics="raw")
+    with pytest.raises(ValueError, match=r"Received: statistics=None"):
+        tfpn.fold_for_inference(model, statistics=None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    folded = tfpn.fold_for_inference(model, statistics="raw")
+    norms = [layer for layer in folded.layers if hasattr(layer, "statistics")]
+    assert [layer.statistics for layer in norms] == ["raw", "raw"]
+    assert norms[0].get_config()["statistics"] == "raw"

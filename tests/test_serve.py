@@ -15,7 +15,8 @@ import tf_proxynorm as tfpn
 from conftest import random_params, set_params
 from helpers import load_benchmark
 from tf_proxynorm.export import saved_model_op_types
-from tf_proxynorm.layers.inference_norm import InferenceGroupNormAct
+from tf_proxynorm.layers.inference_norm import (InferenceGroupNormAct,
+                                                group_norm_act_inference)
 
 L = keras.layers
 
@@ -215,8 +216,10 @@ def test_bench_serve_quick_mode(capsys):
         bench.main(["--variants=gn+bn"])
 
 
-def test_shared_and_nested_layers(rng):
-    """A norm layer called twice and a nested functional model, in the serving form."""
+@pytest.mark.parametrize("statistics", ["auto", "shifted"])
+def test_shared_and_nested_layers(rng, statistics):
+    """A norm layer called twice and a nested functional model, in the serving form (with
+    `statistics` passed to every inference layer, nested ones too)."""
     shared = tfpn.GroupNormAct(groups=2, proxy_norm=True, name="shared")
     inner_in = keras.Input((4, 4, 8))
     inner = keras.Model(inner_in, tfpn.LayerNormAct(activation="gelu", proxy_norm=True,
@@ -226,11 +229,25 @@ def test_shared_and_nested_layers(rng):
     model = keras.Model(inputs, L.Conv2D(3, 3, padding="same")(inner(x)))
     set_params(shared, random_params(rng, 8))
     set_params(inner.get_layer("ln"), random_params(rng, 8))
-    folded = tfpn.fold_for_inference(model, inference_layers=True)
+    folded = tfpn.fold_for_inference(model, inference_layers=True, statistics=statistics)
     x = rng.standard_normal((2, 4, 4, 8)).astype("float32")
     np.testing.assert_allclose(folded(x).numpy(), model(x).numpy(), atol=2e-5)
-    assert isinstance(folded.get_layer("inner").get_layer("ln"), InferenceGroupNormAct)
-    assert sum(isinstance(l, InferenceGroupNormAct) for l in folded.layers) == 1
+    ln = folded.get_layer("inner").get_layer("ln")
+    assert isinstance(ln, InferenceGroupNormAct) and ln.statistics == statistics
+    norms = [l for l in folded.layers if isinstance(l, InferenceGroupNormAct)]
+    assert [l.statistics for l in norms] == [statistics]
+
+
+def test_statistics_argument():
+    """`statistics` is checked when the layer (or the function) gets it, and serialized."""
+    for bad in ("exact", None, 1):
+        with pytest.raises(ValueError, match=f"Received: statistics={bad!r}"):
+            InferenceGroupNormAct(statistics=bad)
+    with pytest.raises(ValueError, match="Received: statistics='Raw'"):
+        group_norm_act_inference(np.zeros((1, 4, 2), "float32"), np.ones(2, "float32"),
+                                 np.zeros(2, "float32"), groups=1, statistics="Raw")
+    layer = InferenceGroupNormAct(groups=2, statistics="shifted")
+    assert InferenceGroupNormAct.from_config(layer.get_config()).statistics == "shifted"
 
 
 def test_bench_serve_layer_quick_mode(capsys):

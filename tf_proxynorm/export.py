@@ -11,6 +11,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from tf_proxynorm import _backend, _graph, config
 from tf_proxynorm.fold import fold_for_inference
+from tf_proxynorm.layers.inference_norm import check_statistics
 from tf_proxynorm.layers.norm_act import GroupNormAct, ShiftedGroupNormAct
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
 
@@ -66,7 +67,7 @@ _OTHER_BACKEND_ROUTE = {
 }
 
 
-def export_saved_model(model, path, fold=True, verbose=False):
+def export_saved_model(model, path, fold=True, verbose=False, statistics="auto"):
     """Exports a model for serving as a TensorFlow SavedModel.
 
     Every norm layer is traced on the pure-TensorFlow reference path, whatever its
@@ -75,7 +76,9 @@ def export_saved_model(model, path, fold=True, verbose=False):
     SavedModel has an endpoint `serve` and a `serving_default` signature taking any
     batch size (the other dimensions are the model's input shape). It loads with
     `tf.saved_model.load(path)` in a process that never imports tf_proxynorm, in TF
-    Serving, and converts with `tf.lite.TFLiteConverter.from_saved_model(path)`.
+    Serving, and converts with `tf.lite.TFLiteConverter.from_saved_model(path)`: for
+    TFLite, export with `statistics="shifted"` (the same outputs, no `If` op, which
+    TFLite's delegates leave to the interpreter: XNNPACK splits its partitions there).
 
     Args:
         model: a built Keras model (functional or Sequential to fold; any model otherwise).
@@ -87,6 +90,12 @@ def export_saved_model(model, path, fold=True, verbose=False):
             statistics, one multiply-add and the activation). Folding a model with Proxy
             Norm layers requires a functional or Sequential model. Defaults to True.
         verbose: print Keras' export summary.
+        statistics: the folded norm layers' `statistics` (`InferenceGroupNormAct`):
+            "auto" (the default: exact at any input offset, one scalar `cond` per layer;
+            fastest for TensorFlow's graph executor, TF Serving and XLA), "shifted" (the
+            same outputs, no control flow: for TFLite and other converters) or "raw"
+            (fastest, for inputs whose group means stay within a few standard deviations
+            of zero). Needs `fold`.
 
     Returns:
         The model that was traced (the folded model when `fold` folded something).
@@ -99,7 +108,9 @@ def export_saved_model(model, path, fold=True, verbose=False):
             one `XlaCallModule` op (StableHLO) rather than TensorFlow ops. With PyTorch
             (where Keras' own SavedModel export fails), save a `.keras` file and call
             `export_saved_model` on it in a TensorFlow-backend process.
-        ValueError: when `fold` is set for a subclassed model that holds Proxy Norm layers.
+        ValueError: when `fold` is set for a subclassed model that holds Proxy Norm layers;
+            for an unknown `statistics`, or `statistics` other than "auto" with
+            `fold=False`.
         RuntimeError: if the written graph still holds a fused-op node.
 
     Example:
@@ -114,10 +125,15 @@ def export_saved_model(model, path, fold=True, verbose=False):
             "export_saved_model needs the TensorFlow backend (it traces the model into "
             f"TensorFlow ops and checks the graph). {_OTHER_BACKEND_ROUTE.get(backend, _SAVE_ROUTE)}"
             f"Received: backend={backend!r}")
+    check_statistics(statistics)
+    if statistics != "auto" and not fold:
+        raise ValueError("`statistics` chooses how the folded norm layers compute their "
+                         f"statistics and needs `fold=True`. Received: statistics={statistics!r}"
+                         f", fold={fold!r}")
     layers = _backend.all_layers(model)
     if fold and (any(map(is_proxy_layer, layers)) or (_graph.is_graph_model(model) and any(
             isinstance(layer, (GroupNormAct, ShiftedGroupNormAct)) for layer in layers))):
-        model = fold_for_inference(model, inference_layers=True)
+        model = fold_for_inference(model, inference_layers=True, statistics=statistics)
     with _all_layers_on_reference(model):
         model.export(str(path), format="tf_saved_model", verbose=verbose)
     custom = sorted(op for op in saved_model_op_types(str(path)) if op.startswith(CUSTOM_OP_PREFIX))

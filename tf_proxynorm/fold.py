@@ -12,7 +12,8 @@ import numpy as np
 from tf_proxynorm import _backend, _graph, absorb
 from tf_proxynorm.convert import ConversionStep
 from tf_proxynorm.layers.channel_affine import ChannelAffine
-from tf_proxynorm.layers.inference_norm import HOMOGENEOUS, InferenceGroupNormAct
+from tf_proxynorm.layers.inference_norm import (HOMOGENEOUS, InferenceGroupNormAct,
+                                                 check_statistics)
 from tf_proxynorm.layers.norm_act import GroupNormAct, ShiftedGroupNormAct
 from tf_proxynorm.layers.proxy_norm_act import ProxyNormAct, is_proxy_layer
 from tf_proxynorm.ops import activations
@@ -23,9 +24,10 @@ _GROUP_NORM_LAYERS = (GroupNormAct, ShiftedGroupNormAct)
 
 
 class _Folder:
-    def __init__(self, prefix="", inference=False):
+    def __init__(self, prefix="", inference=False, statistics="auto"):
         self.prefix = prefix
         self.inference = inference
+        self.statistics = statistics
         self._inference_layers = {}   # id(norm layer) -> its inference form (shared layers)
         self.report = []
         self.targets = {}     # id(target node) -> (scale, shift or None)
@@ -47,14 +49,15 @@ class _Folder:
             return self._fold_pn(node, args, kwargs, rewriter)
         if self.inference and isinstance(layer, _GROUP_NORM_LAYERS):
             if id(layer) not in self._inference_layers:
-                self._inference_layers[id(layer)] = _inference_form(layer)
+                self._inference_layers[id(layer)] = self._inference_form(layer)
                 self._note(layer.name, layer.name, "replaced by its inference form "
                            "(InferenceGroupNormAct)")
             return self._inference_layers[id(layer)](args[0])
         if _graph.is_graph_model(layer) and any(map(self._folds, _backend.all_layers(layer))):
             folded = self._nested.get(id(layer))
             if folded is None:
-                sub = _Folder(prefix=f"{self.prefix}{layer.name}/", inference=self.inference)
+                sub = _Folder(prefix=f"{self.prefix}{layer.name}/", inference=self.inference,
+                              statistics=self.statistics)
                 folded = self._nested[id(layer)] = sub.fold(layer)
                 self.report.extend(sub.report)
             return rewriter.call_clone(layer, args, kwargs, clone=folded)[1]
@@ -64,9 +67,12 @@ class _Folder:
         """Whether folding changes `layer` (a PN layer; with `inference`, any GN/LN/IN)."""
         return is_proxy_layer(layer) or (self.inference and isinstance(layer, _GROUP_NORM_LAYERS))
 
+    def _inference_form(self, layer, scale=None, offset=None):
+        return _inference_form(layer, scale, offset, statistics=self.statistics)
+
     def _without_proxy(self, layer, offset=None):
         if self.inference and isinstance(layer, _GROUP_NORM_LAYERS):
-            return _inference_form(layer, offset=offset)
+            return self._inference_form(layer, offset=offset)
         return _without_proxy(layer, offset=offset)
 
     # -- the PN layer ----------------------------------------------------------------------
@@ -78,7 +84,7 @@ class _Folder:
         if self.graph.num_calls(layer) > 1:
             if inference:
                 if id(layer) not in self._shared:
-                    self._shared[id(layer)] = _inference_form(layer, scale, shift)
+                    self._shared[id(layer)] = self._inference_form(layer, scale, shift)
                     self._note(layer.name, layer.name, "shared layer: inference form with "
                                "the proxy step as its output affine")
                 return self._shared[id(layer)](args[0])
@@ -96,7 +102,7 @@ class _Folder:
             # ResNet-50 112x112 batch 8, docs/benchmarks.md).
             self._note(layer.name, layer.name, "proxy step removed; its affine is the "
                        "inference form's output affine")
-            return _inference_form(layer, scale, shift)(args[0])
+            return self._inference_form(layer, scale, shift)(args[0])
         rank = len(node.input_tensors[0].shape)
         axis = channel_axis(rank, layer.axis)
         branches = absorb.absorbing_branches(self.graph, node.outputs[0], rank, axis)
@@ -184,8 +190,8 @@ def _without_proxy(layer, offset=None):
                                   if v is not None})
 
 
-def _inference_form(layer, scale=None, offset=None):
-    """`InferenceGroupNormAct` computing `scale * layer(x) + offset` at inference.
+def _inference_form(layer, scale=None, offset=None, statistics="auto"):
+    """`InferenceGroupNormAct(statistics=statistics)` computing `scale * layer(x) + offset`.
 
     `layer` is a GN/LN/IN layer (its proxy step, if any, dropped) or a
     `ShiftedGroupNormAct` (its offset added to `offset`). A positive `scale` of a
@@ -206,7 +212,8 @@ def _inference_form(layer, scale=None, offset=None):
     new = InferenceGroupNormAct(
         groups=layer.groups, activation=layer.activation, axis=layer.axis,
         epsilon=layer.epsilon, use_output_scale=scale is not None,
-        use_output_offset=offset is not None, name=layer.name, dtype=layer.dtype_policy)
+        use_output_offset=offset is not None, statistics=statistics, name=layer.name,
+        dtype=layer.dtype_policy)
     values = {"gamma": gamma, "beta": beta, "output_scale": scale, "output_offset": offset}
     return _CopyOnFirstCall(new, {k: v for k, v in values.items() if v is not None})
 
@@ -219,7 +226,8 @@ def _affine_layer(layer, scale, offset, suffix):
                                   if v is not None})
 
 
-def fold_for_inference(model, *, return_report=False, inference_layers=True):
+def fold_for_inference(model, *, return_report=False, inference_layers=True,
+                       statistics="auto"):
     """Returns an inference model with Proxy Normalization's output affine folded away.
 
     Every layer with `proxy_norm=True` (`GroupNormAct`, `LayerNormAct`, `InstanceNormAct`,
@@ -263,18 +271,28 @@ def fold_for_inference(model, *, return_report=False, inference_layers=True):
         inference_layers: replace the norm layers by their inference form (above; the
             default). `False` keeps trainable layers of the package (the fold described
             first), e.g. to fine-tune or to run the fused op on the folded model.
+        statistics: the inference layers' `statistics` argument (`InferenceGroupNormAct`):
+            "auto" (the default: exact at any offset, one scalar `cond` per layer and
+            call), "shifted" (the same outputs without control flow: for TFLite) or "raw"
+            (fastest, for inputs with group means near zero). Only with `inference_layers`.
 
     Returns:
         The folded model, or `(model, report)`.
 
     Raises:
-        ValueError: for a subclassed model or an unbuilt Sequential model.
+        ValueError: for a subclassed model or an unbuilt Sequential model, an unknown
+            `statistics`, or `statistics` other than "auto" without `inference_layers`.
 
     Example:
 
     >>> model, _ = tfpn.convert_model(keras.applications.ResNet50V2(weights=None))
     >>> inference_model = tfpn.fold_for_inference(model)
     """
-    folder = _Folder(inference=inference_layers)
+    check_statistics(statistics)
+    if statistics != "auto" and not inference_layers:
+        raise ValueError("`statistics` chooses how the inference layers compute their "
+                         "statistics and needs `inference_layers=True`. Received: "
+                         f"statistics={statistics!r}, inference_layers={inference_layers!r}")
+    folder = _Folder(inference=inference_layers, statistics=statistics)
     folded = folder.fold(model)
     return (folded, folder.report) if return_report else folded

@@ -5,8 +5,9 @@ NumPy reference (`tests/reference.py`), eagerly and compiled (`model.predict` wi
 Its statistics come two ways (`tf_proxynorm.layers.inference_norm`): raw sums when every
 group's mean is within `RAW_MEAN_RATIO ** 0.5` standard deviations of zero, shifted sums
 otherwise (and maps smaller than `RAW_MIN_SIZE` always shifted, without the `cond`). Each
-way is tested on its own (`inference_norm.STATISTICS`) and as routed by the `cond`, and an
-input of mean 1e4 shows that the routing matters: the raw sums lose it.
+way is tested on its own (the layer's `statistics="raw"` / `"shifted"`) and as routed by the
+`cond` (`"auto"`), and an input of mean 1e4 shows that the routing matters: the raw sums
+lose it.
 """
 
 import keras
@@ -28,9 +29,9 @@ def _cond_at_every_size(monkeypatch):
     monkeypatch.setattr(inference_norm, "RAW_MIN_SIZE", 0)
 
 
-def _layer_and_reference(rng, groups, axis, shape):
+def _layer_and_reference(rng, groups, axis, shape, statistics="auto"):
     layer = InferenceGroupNormAct(groups=groups, activation="relu", axis=axis, epsilon=1e-3,
-                                  use_output_offset=True)
+                                  use_output_offset=True, statistics=statistics)
     layer.build(shape)
     values = {"gamma": 1.0 + 0.3 * rng.standard_normal(CHANNELS),
               "beta": 0.3 * rng.standard_normal(CHANNELS),
@@ -58,11 +59,9 @@ def _outputs(layer, x):
 @pytest.mark.parametrize("statistics", ["auto", "shifted", "raw"])
 @pytest.mark.parametrize("mean", [0.0, 3.5])
 @pytest.mark.parametrize("groups,axis", [(1, -1), (2, -1), (8, -1), (2, 1)])
-def test_both_statistics_match_float64_reference(rng, monkeypatch, statistics, mean, groups,
-                                                 axis):
-    monkeypatch.setattr(inference_norm, "STATISTICS", statistics)
+def test_both_statistics_match_float64_reference(rng, statistics, mean, groups, axis):
     shape = (3, 5, 6, CHANNELS) if axis == -1 else (3, CHANNELS, 5, 6)
-    layer, reference = _layer_and_reference(rng, groups, axis, shape)
+    layer, reference = _layer_and_reference(rng, groups, axis, shape, statistics)
     x = (mean + rng.standard_normal(shape)).astype("float32")
     want = reference(x)
     for got in _outputs(layer, x):
@@ -70,27 +69,29 @@ def test_both_statistics_match_float64_reference(rng, monkeypatch, statistics, m
 
 
 @pytest.mark.parametrize("statistics", ["auto", "raw"])
-def test_epsilon_dominated_variance_takes_the_raw_statistics(rng, monkeypatch, statistics):
+def test_epsilon_dominated_variance_takes_the_raw_statistics(rng, statistics):
     """Mean 0.1, std 1e-3, epsilon 1e-3: mean^2 = 1e-2 <= 16 (var + epsilon), so the raw sums
     serve, and they are accurate for `var + epsilon` although not for `var` alone."""
-    monkeypatch.setattr(inference_norm, "STATISTICS", statistics)
     shape = (3, 5, 6, CHANNELS)
-    layer, reference = _layer_and_reference(rng, 2, -1, shape)
+    layer, reference = _layer_and_reference(rng, 2, -1, shape, statistics)
     x = (0.1 + 1e-3 * rng.standard_normal(shape)).astype("float32")
     want = reference(x)
     for got in _outputs(layer, x):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("statistics", ["auto", "shifted"])
 @pytest.mark.parametrize("groups", [1, 2, 8])
-def test_large_offset_takes_the_shifted_statistics(rng, monkeypatch, groups):
-    """Mean 1e4, std 1: exact to float32 rounding as routed; the raw sums alone are off
-    by more than 1e-2 (E[x^2] ~ 1e8 has a float32 spacing of 8)."""
+def test_large_offset_takes_the_shifted_statistics(rng, statistics, groups):
+    """Mean 1e4, std 1: exact to float32 rounding as routed ("auto") and shifted; the raw
+    sums alone are off by more than 1e-2 (E[x^2] ~ 1e8 has a float32 spacing of 8)."""
     shape = (2, 5, 5, CHANNELS)
-    layer, reference = _layer_and_reference(rng, groups, -1, shape)
+    layer, reference = _layer_and_reference(rng, groups, -1, shape, statistics)
     x = (1e4 + rng.standard_normal(shape)).astype("float32")
     want = reference(x)
     for got in _outputs(layer, x):
         np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
-    monkeypatch.setattr(inference_norm, "STATISTICS", "raw")
-    assert np.abs(to_numpy(layer(x)) - want).max() > 1e-2
+    raw = InferenceGroupNormAct.from_config({**layer.get_config(), "statistics": "raw"})
+    raw.build(shape)
+    raw.set_weights(layer.get_weights())
+    assert np.abs(to_numpy(raw(x)) - want).max() > 1e-2
