@@ -279,7 +279,7 @@ class InferenceGroupNormAct(keras.layers.Layer):
             the same outputs and no control flow in the graph, for TFLite (whose
             delegates leave `If` to the interpreter: XNNPACK splits its partitions
             there) and other converters; measured on ResNet-50, 0.95-1.0x the time of
-            "auto" in TFLite, 1.02x in TensorFlow's graph executor. "raw": the raw sums
+            "auto" in TFLite, 1.00-1.02x in TensorFlow's graph executor. "raw": the raw sums
             on every call, the fastest form everywhere, but `E[x^2] - E[x]^2` loses about
             `log2(1 + mean^2 / var)` bits: only for inputs whose group means stay within
             a few standard deviations of zero (an input of mean 1e4, std 1 comes out off
