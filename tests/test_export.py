@@ -209,16 +209,9 @@ def test_tflite_conversion_and_run(rng, tmp_path, activations):
     model = _model(rng, activations)
     tfpn.export_saved_model(model, str(tmp_path / "sm"))
     converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "sm"))
-    interpreter = tf.lite.Interpreter(model_content=converter.convert())
     x = rng.standard_normal((3, 6, 6, 3)).astype("float32")
-    index = interpreter.get_input_details()[0]["index"]
-    interpreter.resize_tensor_input(index, x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(index, x)
-    interpreter.invoke()
-    y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    y, _ = _tflite_run(converter.convert(), x)
     np.testing.assert_allclose(y, _reference(model, x), atol=1e-4)
-
 
 
 def _tflite_run(content, x):
