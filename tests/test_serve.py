@@ -185,6 +185,27 @@ def test_layouts_and_ranks(rng, shape, axis, groups):
     np.testing.assert_allclose(fn(x).numpy(), ref, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mean", [0.0, 1e4])
+def test_xla_form_matches_float64_and_keeps_its_cond(rng, mean):
+    """Under XLA on a CPU the sums over 32x32 positions add 8 slices of the positions first
+    (`inference_norm._sum_positions`), on both branches of the "auto" `cond` (mean 0: raw
+    sums; mean 1e4: shifted). XLA would then turn that `cond` into a select that computes
+    both branches; the optimization barrier in the shifted one keeps it a conditional."""
+    shape = (2, 32, 32, 256)   # over RAW_MIN_SIZE values per example: "auto" has its `cond`
+    layer = InferenceGroupNormAct(groups=32, activation="relu", use_output_offset=True)
+    layer.build(shape)
+    values = {n: (base + 0.3 * rng.standard_normal(256)).astype("float32")
+              for n, base in (("gamma", 1.0), ("beta", 0.0), ("output_offset", 0.0))}
+    for n, v in values.items():
+        getattr(layer, n).assign(v)
+    x = (mean + rng.standard_normal(shape)).astype("float32")
+    ref = R.group_norm_act(x.astype(np.float64), 32, activation="relu", epsilon=1e-3,
+                           gamma=values["gamma"], beta=values["beta"]) + values["output_offset"]
+    fn = tf.function(layer, jit_compile=True)
+    np.testing.assert_allclose(fn(x).numpy(), ref, atol=5e-5, rtol=1e-5)
+    assert " conditional(" in fn.experimental_get_compiler_ir(x)(stage="optimized_hlo")
+
+
 def test_inference_model_keras_round_trip_and_xla(rng, tmp_path):
     model = tfpn.models.cifar_resnet(8, norm="gn+pn", num_classes=3, input_shape=(8, 8, 3))
     folded = tfpn.fold_for_inference(model, inference_layers=True)
@@ -263,6 +284,28 @@ def test_bench_serve_layer_quick_mode(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--shapes=8x8"])
     assert "Received: --shapes=8x8" in capsys.readouterr().err
+
+
+def test_bench_sum_squares_quick_mode(capsys):
+    """benchmarks/bench_sum_squares.py: every candidate's sum of squares matches float64
+    (at batch 1, the batch-summing candidates too), and the times are finite ratios to
+    `sum`'s on each path."""
+    bench = load_benchmark("bench_sum_squares")
+    rows = bench.main(["--quick", "--inputs=2"])
+    assert [r["path"] for r in rows] == list(bench.PATHS)
+    for r in rows:
+        assert r["sum"] == (1.0, 0.0)
+        candidates = set(bench.candidates(r["path"], 1)) - {"sum", "relu"}
+        assert candidates and candidates <= set(r)
+        for name in candidates:
+            ratio, error = r[name]
+            assert np.isfinite(ratio) and ratio > 0
+            assert error < 1e-5, (name, error)
+    assert "sliced" in rows[1] and "euclidean_norm" in rows[0]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        bench.main(["--paths=tflite"])
+    assert "Received: --paths=tflite" in capsys.readouterr().err
 
 
 def test_profile_serve_quick_mode(capsys):

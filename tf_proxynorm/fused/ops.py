@@ -34,7 +34,7 @@ def in_save_context():
 _default_device_type = None
 
 
-def _call_device_type(x):
+def call_device_type(x):
     """The device type the op would be placed on: the innermost `tf.device` scope, the
     tensor's device, else GPU when one is visible (TensorFlow's default placement)."""
     global _default_device_type
@@ -86,7 +86,7 @@ def why_not_fused(x, activation_name, axis=-1):
     library = loader.load()
     if library.module is None:
         return library.reason
-    device_type = _call_device_type(x)
+    device_type = call_device_type(x)
     if device_type not in library.devices:
         return (f"the library has no {device_type} kernel (it has: "
                 f"{', '.join(sorted(library.devices)) or 'none'})")

@@ -97,6 +97,30 @@ def _under_xla():
     return in_xla_context()
 
 
+def _barrier(t):
+    """`t` through XLA's optimization barrier when XLA compiles the call (JAX; TensorFlow
+    under `jit_compile`), else `t`.
+
+    XLA turns a `cond` whose branches hold only elementwise ops, slices and reduces (as the
+    sliced sums leave them) into a select of both branches (its `ConditionalSimplifier`),
+    which would compute the shifted form on every call; a barrier in a branch keeps the
+    conditional."""
+    if keras.backend.backend() == "jax":
+        import jax
+        return jax.lax.optimization_barrier(t)
+    if keras.backend.backend() == "tensorflow":
+        try:
+            import tensorflow as tf
+            from tensorflow.compiler.tf2xla.python import xla
+            from tensorflow.python.ops import control_flow_util
+            graph = tf.compat.v1.get_default_graph()
+            if not tf.executing_eagerly() and control_flow_util.GraphOrParentsInXlaContext(graph):
+                return xla.optimization_barrier(t)[0]
+        except Exception:  # noqa: BLE001 - private API moved: no barrier (speed only)
+            pass
+    return t
+
+
 def _view(x, axis, rank):
     """`x` as `(N, P, C)` (channels last) or `(N, C, P)` (channels first), with the
     position count P (static int or None), and a function mapping results back."""
@@ -127,14 +151,48 @@ def _view(x, axis, rank):
     return ops.reshape(x, view_shape), positions, back
 
 
-def _sum_positions(t, last, positions):
-    """`(N, P, C)` -> `(N, 1, C)` (or `(N, C, P)` -> `(N, C, 1)`): sum over the positions."""
+def _sum_positions(t, last, positions, square=False, slices=1):
+    """`(N, P, C)` -> `(N, 1, C)` (or `(N, C, P)` -> `(N, C, 1)`): the sum over the positions
+    of `t` (of `t * t` if `square`), adding `slices` slices of the positions first (channels
+    last, under XLA:CPU: `_slices`)."""
+    if slices > 1:
+        # XLA:CPU compiles `sum(d * d)` to a loop fusion that writes `d * d` in full, then
+        # a reduce-window and a reduce. Adding the squares of k slices of the positions
+        # first is one loop fusion that reads `d` once and writes a k-times smaller tensor,
+        # which XLA reduces in one call (benchmarks/bench_sum_squares.py, `sliced`).
+        t = ops.reshape(t, (-1, positions // slices, slices, t.shape[-1]))
+        t = [t[:, :, j, :] for j in range(slices)]
+        t = sum(u * u for u in t) if square else sum(t[1:], t[0])
+        return ops.sum(t, axis=1, keepdims=True)
+    if square:
+        t = t * t
     reduction = REDUCTION if REDUCTION != "auto" else ("sum" if _under_xla() else "matmul")
     if reduction == "matmul" and positions is not None:
         if last:    # ones (1, 1, P) @ t (N, P, C)
             return ops.matmul(ops.ones((1, 1, positions), dtype=t.dtype), t)
         return ops.matmul(t, ops.ones((1, positions, 1), dtype=t.dtype))
     return ops.sum(t, axis=1 if last else 2, keepdims=True)
+
+
+def _slices(x, positions, last):
+    """How many slices of the positions `_sum_positions` adds before its reduce: under XLA on
+    a CPU with channels last, the largest k <= 8 dividing `positions`; else 1 (none). Also 1
+    for a single example of under 256 positions, where XLA merges the slices and the reduce
+    into one slow loop (1x14x14x1024: 2.1x slower). Other devices keep the plain reduce, which
+    their XLA fuses with the square (not measured there)."""
+    if not last or positions is None or not _under_xla() or not _on_cpu(x):
+        return 1
+    if positions < 256 and (x.shape[0] or 1) == 1:
+        return 1
+    return next(k for k in range(8, 0, -1) if positions % k == 0)
+
+
+def _on_cpu(x):
+    if keras.backend.backend() == "jax":
+        import jax
+        return jax.default_backend() == "cpu"
+    from tf_proxynorm.fused.ops import call_device_type
+    return call_device_type(x) == "CPU"
 
 
 def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
@@ -167,6 +225,7 @@ def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
     dtype = stats_dtype(x.dtype)
     view, positions, back = _view(ops.cast(x, dtype), axis, rank)
     last = axis != 1 or rank == 2
+    slices = _slices(view, positions, last)
     # Per-(example, channel) tensors are (N, 1, C) for channels last, (N, C, 1) first.
     nc = (1, 1, channels) if last else (1, channels, 1)
     if positions is not None:
@@ -209,11 +268,13 @@ def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
     def raw(mean, var):
         return output(view, *per_channel(mean, ops.maximum(var, 0.0)))
 
-    def shifted():
+    def shifted(branch=False):
         shift = view[:, :1, :] if last else view[:, :, :1]    # each channel's first value
+        if branch and slices > 1:
+            shift = _barrier(shift)
         d = view - shift
-        s1 = _sum_positions(d, last, positions)
-        s2 = _sum_positions(d * d, last, positions)
+        s1 = _sum_positions(d, last, positions, slices=slices)
+        s2 = _sum_positions(d, last, positions, square=True, slices=slices)
         mean_c = s1 / count                                 # channel mean - shift_c
         m2_c = ops.maximum(s2 - s1 * mean_c, 0.0)           # centered sum of squares
         if per_group == 1:
@@ -232,13 +293,14 @@ def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
     if statistics == "shifted" or (statistics == "auto" and small):
         return shifted()        # small maps: the pass raw sums save costs less than the `cond`
     # Raw sums: E[x^2] - E[x]^2 loses about log2(1 + mean^2 / var) bits.
-    mean = group_mean(_sum_positions(view, last, positions)) / count
-    var = group_mean(_sum_positions(view * view, last, positions)) / count - mean * mean
+    mean = group_mean(_sum_positions(view, last, positions, slices=slices)) / count
+    var = (group_mean(_sum_positions(view, last, positions, square=True, slices=slices))
+           / count - mean * mean)
     if statistics == "raw":
         return raw(mean, var)
     # NaN or inf statistics compare False and take the shifted form (which propagates them).
     return ops.cond(ops.all(mean * mean <= RAW_MEAN_RATIO * (var + epsilon)),
-                    lambda: raw(mean, var), shifted)
+                    lambda: raw(mean, var), lambda: shifted(branch=True))
 
 
 def _per_channel(v, y, axis):
