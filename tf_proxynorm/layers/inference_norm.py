@@ -13,7 +13,9 @@ no implementation switch, no fused op) and written for TensorFlow's graph execut
 and TFLite alike: per call and per layer, on the full-size tensor,
 
 - two reductions over the positions, `sum(x)` and `sum(x * x)` (a batched matmul with a
-  row of ones in the graph executor, a reduction under XLA),
+  row of ones in the graph executor; under XLA a reduction, which on a CPU first adds
+  the 8 slices of the positions, squared for `sum(x * x)`, in one pass that writes an
+  8-times smaller tensor, instead of writing `x * x` in full),
 - one multiply-add `x * S + B` and the activation, with the per-(example, channel) `S`,
   `B` computed on `(N, C)` tensors. With ReLU, a PN output offset rides in the same ops:
   `relu(z) + b = maximum(z + b, b)`; a positive output scale of a positively homogeneous
