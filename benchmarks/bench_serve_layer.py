@@ -37,16 +37,20 @@ STATISTICS = ("auto", "raw", "shifted")    # the `statistics` settings timed
 GROUPS = 32
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def shape_parser(description, shapes, paths):
+    """An argument parser with `--batches`, `--shapes` and `--paths` (also used by
+    bench_sum_squares.py); `checked` parses those."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
+    p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in shapes),
                    help="HxWxC per example, comma-separated")
-    p.add_argument("--paths", default=",".join(PATHS))
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--calls", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="a (2, 8, 8, 64) tensor, 2 rounds")
-    args = p.parse_args(argv)
+    p.add_argument("--paths", default=",".join(paths))
+    return p
+
+
+def checked(p, args, paths, quick_shape):
+    """`args` with `batches`, `shapes` and `paths` as lists and `full_shapes` the tensors to
+    time (`[quick_shape]`, with 2 rounds, under `--quick`), or `p.error` naming the value."""
     args.batches = [int(b) for b in args.batches.split(",")]
     args.paths = args.paths.split(",")
     try:
@@ -56,10 +60,22 @@ def parse(argv):
     if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
         p.error(f"--shapes takes HxWxC,...; Received: --shapes={args.shapes}")
     args.shapes = shapes
-    bad = [q for q in args.paths if q not in PATHS]
+    bad = [q for q in args.paths if q not in paths]
     if bad:
-        p.error(f"unknown --paths {bad}; choose from {list(PATHS)}")
+        p.error(f"unknown --paths {bad}; choose from {list(paths)}. "
+                f"Received: --paths={','.join(args.paths)}")
+    args.full_shapes = [(b,) + s for b in args.batches for s in shapes]
+    if args.quick:
+        args.full_shapes, args.rounds = [quick_shape], 2
     return args
+
+
+def parse(argv):
+    p = shape_parser(__doc__.split("\n\n")[0], SHAPES, PATHS)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="a (2, 8, 8, 64) tensor, 2 rounds")
+    return checked(p, p.parse_args(argv), PATHS, (2, 8, 8, 64))
 
 
 def _functions(shape, rng):
@@ -124,13 +140,9 @@ def measure(shape, path, args, rng):
 def main(argv=None):
     args = parse(argv)
     rng = np.random.default_rng(0)
-    shapes = [(2, 8, 8, 64)] if args.quick else [(b,) + s for b in args.batches
-                                                 for s in args.shapes]
-    if args.quick:
-        args.rounds = 2
     rows = []
     print("shape                 path    relu us  " + "  ".join(f"{s:>8}" for s in STATISTICS))
-    for shape in shapes:
+    for shape in args.full_shapes:
         for path in args.paths:
             res = measure(shape, path, args, rng)
             rows.append({"shape": shape, "path": path, **{k: v[1] for k, v in res.items()}})

@@ -33,15 +33,17 @@ divided by `sum`'s.
     python benchmarks/bench_sum_squares.py --quick     # a tiny smoke run
 """
 
-import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import bench_serve_layer  # noqa: E402
 from tf_proxynorm.layers import inference_norm  # noqa: E402
 
 SHAPES = ((112, 112, 64), (56, 56, 256), (28, 28, 512), (14, 14, 1024), (7, 7, 2048))
@@ -118,27 +120,11 @@ def candidates(path, batch):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
-                   help="HxWxC per example, comma-separated")
-    p.add_argument("--paths", default=",".join(PATHS))
+    p = bench_serve_layer.shape_parser(__doc__.split("\n\n")[0], SHAPES, PATHS)
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--inputs", type=int, default=8, help="distinct tensors per call")
     p.add_argument("--quick", action="store_true", help="(1, 8, 8, 64), 2 rounds")
-    args = p.parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",")]
-    args.paths = args.paths.split(",")
-    try:
-        args.shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
-    except ValueError:
-        args.shapes = []
-    if not args.shapes or any(len(s) != 3 or min(s) < 1 for s in args.shapes):
-        p.error(f"--shapes takes HxWxC,...; Received: --shapes={args.shapes}")
-    bad = [q for q in args.paths if q not in PATHS]
-    if bad:
-        p.error(f"--paths takes {','.join(PATHS)}; Received: --paths={','.join(args.paths)}")
-    return args
+    return bench_serve_layer.checked(p, p.parse_args(argv), PATHS, (1, 8, 8, 64))
 
 
 def measure(shape, path, args, rng):
@@ -168,14 +154,13 @@ def measure(shape, path, args, rng):
 def main(argv=None):
     args = parse(argv)
     tf.get_logger().setLevel("ERROR")     # one tf.function per candidate and shape
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:    # TensorFlow already initialized (the tests): leave it
+        pass
     rng = np.random.default_rng(0)
-    shapes = [(1, 8, 8, 64)] if args.quick else [(b,) + s for b in args.batches
-                                                 for s in args.shapes]
-    if args.quick:
-        args.rounds = 2
     rows = []
-    for shape in shapes:
+    for shape in args.full_shapes:
         for path in args.paths:
             res = measure(shape, path, args, rng)
             rows.append({"shape": shape, "path": path, **res})
