@@ -163,9 +163,10 @@ def _sum_positions(t, last, positions, square=False, slices=1):
         # first is one loop fusion that reads `d` once and writes a k-times smaller tensor,
         # which XLA reduces in one call (benchmarks/bench_sum_squares.py, `sliced`).
         t = ops.reshape(t, (-1, positions // slices, slices, t.shape[-1]))
-        t = [t[:, :, j, :] for j in range(slices)]
-        t = sum(u * u for u in t) if square else sum(t[1:], t[0])
-        return ops.sum(t, axis=1, keepdims=True)
+        parts = [t[:, :, j, :] for j in range(slices)]
+        if square:
+            parts = [u * u for u in parts]
+        return ops.sum(sum(parts[1:], parts[0]), axis=1, keepdims=True)
     if square:
         t = t * t
     reduction = REDUCTION if REDUCTION != "auto" else ("sum" if _under_xla() else "matmul")
@@ -180,8 +181,8 @@ def _slices(x, positions, last):
     """How many slices of the positions `_sum_positions` adds before its reduce: under XLA on
     a CPU with channels last, the largest k <= 8 dividing `positions`; else 1 (none). Also 1
     for a single example of under 256 positions, where XLA merges the slices and the reduce
-    into one slow loop (1x14x14x1024: 2.1x slower). Other devices keep the plain reduce, which
-    their XLA fuses with the square (not measured there)."""
+    into one slow loop (1x14x14x1024: 2.1x slower). Other devices keep the plain reduce
+    (XLA:GPU's reduction fuses the square; not measured here)."""
     if not last or positions is None or not _under_xla() or not _on_cpu(x):
         return 1
     if positions < 256 and (x.shape[0] or 1) == 1:
@@ -190,6 +191,7 @@ def _slices(x, positions, last):
 
 
 def _on_cpu(x):
+    """Whether `x`'s computation runs on a CPU (JAX: the default backend)."""
     if keras.backend.backend() == "jax":
         import jax
         return jax.default_backend() == "cpu"
