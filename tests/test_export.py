@@ -148,6 +148,23 @@ def test_use_implementation_nests_and_restores(monkeypatch):
 
 
 @pytest.mark.slow
+def _run_without_tf_proxynorm(body, cwd):
+    """Runs `body` (Python source) in a fresh process where importing tf_proxynorm fails."""
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] == "tf_proxynorm":
+                    raise ImportError("tf_proxynorm is blocked in this process")
+
+        sys.meta_path.insert(0, Block())
+        import numpy as np, tensorflow as tf
+    """) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=str(cwd), env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
 def test_loads_in_a_process_without_tf_proxynorm(rng, tmp_path):
     base = keras.Sequential([
         keras.Input((8, 8, 3)), keras.layers.Conv2D(8, 3, padding="same", use_bias=False),
@@ -169,16 +186,7 @@ def test_loads_in_a_process_without_tf_proxynorm(rng, tmp_path):
     if tfpn.fused_op_available():
         fused = str(tmp_path / "fused")
         _fused_saved_model(fused)
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] == "tf_proxynorm":
-                    raise ImportError("tf_proxynorm is blocked in this process")
-
-        sys.meta_path.insert(0, Block())
-        import numpy as np, tensorflow as tf
+    out = _run_without_tf_proxynorm(f"""
         m = tf.saved_model.load({str(tmp_path / 'sm')!r})
         x = np.load({str(tmp_path / 'x.npy')!r})
         expected = np.load({str(tmp_path / 'y.npy')!r})
@@ -195,11 +203,47 @@ def test_loads_in_a_process_without_tf_proxynorm(rng, tmp_path):
             else:
                 raise AssertionError("a SavedModel with the fused op loaded without the library")
         print("OK")
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=str(tmp_path), env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    """, tmp_path)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
     assert ("FUSED REFUSED" in out.stdout) == (fused is not None)
+
+
+@pytest.mark.slow
+def test_jit_compiled_export_loads_without_tf_proxynorm(rng, tmp_path):
+    """`jit_compile=True`: the `serve` endpoint is an XLA-compiled function. A 32x32x64 map
+    has the "auto" `cond`, the sliced sums and the optimization barrier of the XLA form;
+    the SavedModel loads and runs in a process that cannot import tf_proxynorm, and matches
+    a float64 forward pass."""
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(64, 3, padding="same", name="c1")(inputs)
+    x = tfpn.GroupNormAct(groups=8, proxy_norm=True, name="n1")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="fc")(
+        keras.layers.GlobalAveragePooling2D()(x)))
+    set_params(model.get_layer("n1"), random_params(rng, 64))
+    x = rng.standard_normal((2, 32, 32, 3)).astype("float32")
+    k, b = (w.numpy().astype(np.float64) for w in model.get_layer("c1").weights)
+    p = {w.name: w.numpy() for w in model.get_layer("n1").weights}
+    y = R.group_norm_act(tf.nn.conv2d(x.astype(np.float64), k, 1, "SAME").numpy() + b, 8,
+                         activation="relu", gamma=p["gamma"], beta=p["beta"],
+                         proxy=(p["proxy_beta"], p["proxy_gamma"]))
+    k, b = (w.numpy().astype(np.float64) for w in model.get_layer("fc").weights)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y.mean(axis=(1, 2)) @ k + b)
+    path = str(tmp_path / "sm")
+    tfpn.export_saved_model(model, path, jit_compile=True)
+    assert "XlaOptimizationBarrier" in saved_model_op_types(path)
+    out = _run_without_tf_proxynorm(f"""
+        m = tf.saved_model.load({path!r})
+        x, expected = np.load({str(tmp_path / 'x.npy')!r}), np.load({str(tmp_path / 'y.npy')!r})
+        np.testing.assert_allclose(m.serve(tf.constant(x)).numpy(), expected, atol=2e-5)
+        out = m.signatures["serving_default"](tf.constant(x[:1]))
+        np.testing.assert_allclose(next(iter(out.values())).numpy(), expected[:1], atol=2e-5)
+        print("OK")
+    """, tmp_path)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+    with pytest.raises(ValueError, match=r"Received: jit_compile='yes'"):
+        tfpn.export_saved_model(model, str(tmp_path / "bad"), jit_compile="yes")
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow

@@ -99,6 +99,12 @@ def cond(pred, true_fn, false_fn):
 
 
 # -- tensors in and out -----------------------------------------------------------------------
+def export_input_signature(model):
+    """The input signature Keras' `model.export` gives the model's `serve` endpoint."""
+    from keras.src.export.export_utils import get_input_signature
+    return get_input_signature(model)
+
+
 def to_numpy(value):
     """A backend tensor (or a NumPy array, a TensorFlow tensor) as a NumPy array."""
     if isinstance(value, np.ndarray):

@@ -7,10 +7,12 @@ import contextlib
 import os
 
 import keras
+import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from tf_proxynorm import _backend, _graph, config
 from tf_proxynorm.fold import fold_for_inference
+from tf_proxynorm.layers._args import check_bool
 from tf_proxynorm.layers.inference_norm import check_statistics
 from tf_proxynorm.layers.norm_act import GroupNormAct, ShiftedGroupNormAct
 from tf_proxynorm.layers.proxy_norm_act import is_proxy_layer
@@ -34,6 +36,16 @@ def _all_layers_on_reference(model):
     finally:
         for layer, implementation in changed:
             layer.implementation = implementation
+
+
+def _export_jit_compiled(model, path, verbose):
+    """`model.export(path, format="tf_saved_model")` with an XLA-compiled `serve` endpoint
+    (also the `serving_default` signature)."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    serve = tf.function(lambda *args: model(*args, training=False), jit_compile=True)
+    archive.add_endpoint("serve", serve, input_signature=_backend.export_input_signature(model))
+    archive.write_out(path, verbose=verbose)
 
 
 def saved_model_op_types(path):
@@ -67,7 +79,8 @@ _OTHER_BACKEND_ROUTE = {
 }
 
 
-def export_saved_model(model, path, fold=True, verbose=False, statistics="auto"):
+def export_saved_model(model, path, fold=True, verbose=False, statistics="auto",
+                       jit_compile=False):
     """Exports a model for serving as a TensorFlow SavedModel.
 
     Every norm layer is traced on the pure-TensorFlow reference path, whatever its
@@ -96,6 +109,15 @@ def export_saved_model(model, path, fold=True, verbose=False, statistics="auto")
             same outputs, no control flow: for TFLite and other converters) or "raw"
             (fastest, for inputs whose group means stay within a few standard deviations
             of zero). Needs `fold`.
+        jit_compile: compile the `serve` endpoint with XLA (`tf.function(jit_compile=True)`
+            in the SavedModel). Under XLA the serving form's statistics take about one read
+            of each normalized activation, and XLA fuses the rest: ResNet-50 224x224 on a
+            2-core CPU served at 0.90x the time of BN's plain `model.export` at batch 1
+            (1.13x at batch 8, where XLA:CPU is slower than TensorFlow's graph executor for
+            BN too). The price: the first call for each new input shape compiles (12-15 s
+            for ResNet-50), the loading TensorFlow must have XLA (TF Serving on CPU only
+            with `--xla_cpu_compilation_enabled`), and TFLite cannot convert it. Defaults
+            to False (the portable graph).
 
     Returns:
         The model that was traced (the folded model when `fold` folded something).
@@ -110,7 +132,7 @@ def export_saved_model(model, path, fold=True, verbose=False, statistics="auto")
             `export_saved_model` on it in a TensorFlow-backend process.
         ValueError: when `fold` is set for a subclassed model that holds Proxy Norm layers;
             for an unknown `statistics`, or `statistics` other than "auto" with
-            `fold=False`.
+            `fold=False`; for a `jit_compile` that is not a bool.
         RuntimeError: if the written graph still holds a fused-op node.
 
     Example:
@@ -123,9 +145,11 @@ def export_saved_model(model, path, fold=True, verbose=False, statistics="auto")
     if backend != "tensorflow":
         raise RuntimeError(
             "export_saved_model needs the TensorFlow backend (it traces the model into "
-            f"TensorFlow ops and checks the graph). {_OTHER_BACKEND_ROUTE.get(backend, _SAVE_ROUTE)}"
+            "TensorFlow ops and checks the graph). "
+            f"{_OTHER_BACKEND_ROUTE.get(backend, _SAVE_ROUTE)}"
             f"Received: backend={backend!r}")
     check_statistics(statistics)
+    check_bool("jit_compile", jit_compile)
     if statistics != "auto" and not fold:
         raise ValueError("`statistics` chooses how the folded norm layers compute their "
                          f"statistics and needs `fold=True`. Received: statistics={statistics!r}"
@@ -135,7 +159,10 @@ def export_saved_model(model, path, fold=True, verbose=False, statistics="auto")
             isinstance(layer, (GroupNormAct, ShiftedGroupNormAct)) for layer in layers))):
         model = fold_for_inference(model, inference_layers=True, statistics=statistics)
     with _all_layers_on_reference(model):
-        model.export(str(path), format="tf_saved_model", verbose=verbose)
+        if jit_compile:
+            _export_jit_compiled(model, str(path), verbose)
+        else:
+            model.export(str(path), format="tf_saved_model", verbose=verbose)
     custom = sorted(op for op in saved_model_op_types(str(path)) if op.startswith(CUSTOM_OP_PREFIX))
     if custom:
         raise RuntimeError(

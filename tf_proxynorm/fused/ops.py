@@ -22,6 +22,20 @@ def in_xla_context():
         return True
 
 
+def xla_optimization_barrier(t):
+    """`t` through XLA's optimization barrier while tracing for XLA, else `t` unchanged (the
+    op has no kernel outside XLA)."""
+    try:
+        from tensorflow.compiler.tf2xla.python import xla
+        from tensorflow.python.ops import control_flow_util
+        if not tf.executing_eagerly() and control_flow_util.GraphOrParentsInXlaContext(
+                tf.compat.v1.get_default_graph()):
+            return xla.optimization_barrier(t)[0]
+    except Exception:  # noqa: BLE001 - private API moved: no barrier (it only steers XLA)
+        pass
+    return t
+
+
 def in_save_context():
     """True while `tf.saved_model.save` (or `model.export`) traces the functions to save."""
     try:

@@ -51,7 +51,7 @@ from tf_proxynorm.layers._args import check_bool, check_int
 from tf_proxynorm.ops import activations
 from tf_proxynorm.ops.masked import masked_group_normalize
 from tf_proxynorm.ops.norm_act import affine_act_proxy
-from tf_proxynorm.ops.stats import channel_axis, stats_dtype
+from tf_proxynorm.ops.stats import channel_axis, largest_divisor_at_most, stats_dtype
 
 # Activations with act(a * z) = a * act(z) for a > 0.
 HOMOGENEOUS = ("identity", "relu", "leaky_relu")
@@ -111,15 +111,8 @@ def _barrier(t):
         import jax
         return jax.lax.optimization_barrier(t)
     if keras.backend.backend() == "tensorflow":
-        try:
-            import tensorflow as tf
-            from tensorflow.compiler.tf2xla.python import xla
-            from tensorflow.python.ops import control_flow_util
-            graph = tf.compat.v1.get_default_graph()
-            if not tf.executing_eagerly() and control_flow_util.GraphOrParentsInXlaContext(graph):
-                return xla.optimization_barrier(t)[0]
-        except Exception:  # noqa: BLE001 - private API moved: no barrier (speed only)
-            pass
+        from tf_proxynorm.fused.ops import xla_optimization_barrier
+        return xla_optimization_barrier(t)
     return t
 
 
@@ -187,7 +180,7 @@ def _slices(x, positions, last):
         return 1
     if positions < 256 and (x.shape[0] or 1) == 1:
         return 1
-    return next(k for k in range(8, 0, -1) if positions % k == 0)
+    return largest_divisor_at_most(positions, 8)
 
 
 def _on_cpu(x):
