@@ -2,10 +2,12 @@
 
 For each model (ResNet-50 v1.5 at 224x224, the CIFAR ResNet-20 at 32x32) and batch size,
 the BN network and its GN / GN+PN / LN+PN twins (same architecture, same conv weights
-init) are served four ways:
+init) are served five ways:
 
 - `saved_model`: `tfpn.export_saved_model(model, path[, fold=False])` (BN: Keras'
   `model.export`), loaded with `tf.saved_model.load`, called through `.serve`;
+- `saved_model_xla`: the same exported with `jit_compile=True` (BN too), its `serve`
+  compiled by XLA at the first call;
 - `graph`: in process, `tf.function(model(x, training=False))` (the fused op where it is
   built for unfolded models; folded models are `fold_for_inference(inference_layers=True)`);
 - `xla`: the same with `jit_compile=True` (reference path for unfolded models);
@@ -45,7 +47,7 @@ MODELS = {
         20, norm=norm, num_classes=10, input_shape=(size, size, 3)), 32),
 }
 VARIANTS = ("bn", "gn", "gn+pn", "gn+pn_folded", "ln+pn_folded")
-PATHS = ("saved_model", "graph", "xla", "tflite")
+PATHS = ("saved_model", "saved_model_xla", "graph", "xla", "tflite")
 BASELINE = "bn"
 _KEEP = []
 _TFLITE = {}
@@ -117,22 +119,26 @@ def build_callables(model_name, variant, size, batch, paths, workdir, rng):
     # TFLite converts the `statistics="shifted"` export of a folded variant (no `If` ops),
     # as docs/export.md advises; each export is written only for a path that uses it.
     tfl_path = sm_path + "_shifted" if folded else sm_path
-    exports = {}
+    exports = {}          # path -> (statistics, jit_compile)
     if "saved_model" in paths:
-        exports[sm_path] = "auto"
+        exports[sm_path] = ("auto", False)
+    if "saved_model_xla" in paths:
+        exports[sm_path + "_xla"] = ("auto", True)
     if "tflite" in paths:
-        exports[tfl_path] = "shifted" if folded else "auto"
-    for export_path, statistics in exports.items():
+        exports[tfl_path] = ("shifted" if folded else "auto", False)
+    for export_path, (statistics, jit) in exports.items():
         if os.path.exists(export_path):
             continue
-        if variant == BASELINE:
+        if variant == BASELINE and not jit:
             model.export(export_path, format="tf_saved_model", verbose=False)
         else:
-            tfpn.export_saved_model(model, export_path, fold=folded, statistics=statistics)
-    if "saved_model" in paths:
-        loaded = tf.saved_model.load(sm_path)
-        _KEEP.append(loaded)          # its variables live as long as the object
-        out["saved_model"] = lambda x, f=loaded.serve: f(x).numpy()
+            tfpn.export_saved_model(model, export_path, fold=folded, statistics=statistics,
+                                    jit_compile=jit)
+    for path, export_path in (("saved_model", sm_path), ("saved_model_xla", sm_path + "_xla")):
+        if path in paths:
+            loaded = tf.saved_model.load(export_path)
+            _KEEP.append(loaded)          # its variables live as long as the object
+            out[path] = lambda x, f=loaded.serve: f(x).numpy()
     if "graph" in paths:
         fn = tf.function(lambda t, m=serving: m(t, training=False))
         out["graph"] = lambda x, f=fn: f(x).numpy()

@@ -227,7 +227,7 @@ def test_bench_serve_quick_mode(capsys):
     rows = bench.main(["--quick", "--size=8", "--markdown"])
     out = capsys.readouterr().out
     got = {(r["variant"], r["path"]) for r in rows}
-    for path_ in ("saved_model", "graph", "xla", "tflite"):
+    for path_ in ("saved_model", "saved_model_xla", "graph", "xla", "tflite"):
         assert ("bn", path_) in got and ("gn+pn_folded", path_) in got
     for r in rows:
         assert r["ms"] > 0 and np.isfinite(r["ratio"])
