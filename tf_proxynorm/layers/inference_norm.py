@@ -13,9 +13,9 @@ no implementation switch, no fused op) and written for TensorFlow's graph execut
 and TFLite alike: per call and per layer, on the full-size tensor,
 
 - two reductions over the positions, `sum(x)` and `sum(x * x)` (a batched matmul with a
-  row of ones in the graph executor; under XLA a reduction, which on a CPU first adds
-  the 8 slices of the positions, squared for `sum(x * x)`, in one pass that writes an
-  8-times smaller tensor, instead of writing `x * x` in full),
+  row of ones in the graph executor; under XLA a reduction, which with TensorFlow on a
+  CPU first adds the 8 slices of the positions, squared for `sum(x * x)`, in one pass
+  that writes an 8-times smaller tensor, instead of writing `x * x` in full),
 - one multiply-add `x * S + B` and the activation, with the per-(example, channel) `S`,
   `B` computed on `(N, C)` tensors. With ReLU, a PN output offset rides in the same ops:
   `relu(z) + b = maximum(z + b, b)`; a positive output scale of a positively homogeneous
@@ -99,23 +99,6 @@ def _under_xla():
     return in_xla_context()
 
 
-def _barrier(t):
-    """`t` through XLA's optimization barrier when XLA compiles the call (JAX; TensorFlow
-    under `jit_compile`), else `t`.
-
-    XLA turns a `cond` whose branches hold only elementwise ops, slices and reduces (as the
-    sliced sums leave them) into a select of both branches (its `ConditionalSimplifier`),
-    which would compute the shifted form on every call; a barrier in a branch keeps the
-    conditional."""
-    if keras.backend.backend() == "jax":
-        import jax
-        return jax.lax.optimization_barrier(t)
-    if keras.backend.backend() == "tensorflow":
-        from tf_proxynorm.fused.ops import xla_optimization_barrier
-        return xla_optimization_barrier(t)
-    return t
-
-
 def _view(x, axis, rank):
     """`x` as `(N, P, C)` (channels last) or `(N, C, P)` (channels first), with the
     position count P (static int or None), and a function mapping results back."""
@@ -171,25 +154,19 @@ def _sum_positions(t, last, positions, square=False, slices=1):
 
 
 def _slices(x, positions, last):
-    """How many slices of the positions `_sum_positions` adds before its reduce: under XLA on
-    a CPU with channels last, the largest k <= 8 dividing `positions`; else 1 (none). Also 1
-    for a single example of under 256 positions, where XLA merges the slices and the reduce
-    into one slow loop (1x14x14x1024: 2.1x slower). Other devices keep the plain reduce
-    (XLA:GPU's reduction fuses the square; not measured here)."""
-    if not last or positions is None or not _under_xla() or not _on_cpu(x):
+    """How many slices of the positions `_sum_positions` adds before its reduce: with
+    TensorFlow under XLA on a CPU, channels last, the largest k <= 8 dividing `positions`;
+    else 1 (none). Also 1 for a single example of under 256 positions, where XLA merges the
+    slices and the reduce into one slow loop (1x14x14x1024: 2.1x slower). JAX keeps the
+    plain reduce: its XLA (jaxlib 0.10) fuses the square into it, and ran the sliced form
+    1.5-2.1x slower; GPU and TPU were not measured."""
+    if (keras.backend.backend() != "tensorflow" or not last or positions is None
+            or not _under_xla()):
         return 1
-    if positions < 256 and (x.shape[0] or 1) == 1:
+    from tf_proxynorm.fused.ops import call_device_type
+    if call_device_type(x) != "CPU" or (positions < 256 and (x.shape[0] or 1) == 1):
         return 1
     return largest_divisor_at_most(positions, 8)
-
-
-def _on_cpu(x):
-    """Whether `x`'s computation runs on a CPU (JAX: the default backend)."""
-    if keras.backend.backend() == "jax":
-        import jax
-        return jax.default_backend() == "cpu"
-    from tf_proxynorm.fused.ops import call_device_type
-    return call_device_type(x) == "CPU"
 
 
 def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
@@ -268,7 +245,11 @@ def group_norm_act_inference(x, gamma, beta, *, groups, axis=-1, epsilon=1e-3,
     def shifted(branch=False):
         shift = view[:, :1, :] if last else view[:, :, :1]    # each channel's first value
         if branch and slices > 1:
-            shift = _barrier(shift)
+            # XLA turns a `cond` whose branches hold only elementwise ops, slices and
+            # reduces (as the sliced sums leave them) into a select that computes both
+            # branches; a barrier in this one keeps the conditional.
+            from tf_proxynorm.fused.ops import xla_optimization_barrier
+            shift = xla_optimization_barrier(shift)
         d = view - shift
         s1 = _sum_positions(d, last, positions, slices=slices)
         s2 = _sum_positions(d, last, positions, square=True, slices=slices)
