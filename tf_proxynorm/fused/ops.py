@@ -11,29 +11,35 @@ import tensorflow as tf
 from tf_proxynorm.fused import abi, loader
 
 
-def in_xla_context():
-    """True while tracing for XLA (jit_compile), where the custom op cannot run."""
+def _xla_context():
+    """Whether the graph being traced compiles with XLA; None when that cannot be told
+    (eager execution: False)."""
     if tf.executing_eagerly():
         return False
     try:
         from tensorflow.python.ops import control_flow_util
         return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
-    except Exception:  # noqa: BLE001 - private API moved: assume XLA, the safe answer
-        return True
+    except Exception:  # noqa: BLE001 - private API moved
+        return None
+
+
+def in_xla_context():
+    """True while tracing for XLA (jit_compile), where the custom op cannot run."""
+    known = _xla_context()
+    return True if known is None else known       # unknown: assume XLA, the safe answer
 
 
 def xla_optimization_barrier(t):
     """`t` through XLA's optimization barrier while tracing for XLA, else `t` unchanged (the
-    op has no kernel outside XLA)."""
+    op has no kernel outside XLA: an unknown context gets no barrier, which only steers
+    XLA)."""
+    if not _xla_context():
+        return t
     try:
         from tensorflow.compiler.tf2xla.python import xla
-        from tensorflow.python.ops import control_flow_util
-        if not tf.executing_eagerly() and control_flow_util.GraphOrParentsInXlaContext(
-                tf.compat.v1.get_default_graph()):
-            return xla.optimization_barrier(t)[0]
-    except Exception:  # noqa: BLE001 - private API moved: no barrier (it only steers XLA)
-        pass
-    return t
+    except ImportError:  # private API moved
+        return t
+    return xla.optimization_barrier(t)[0]
 
 
 def in_save_context():
